@@ -1,0 +1,51 @@
+"""Pollen's Flower ClientApp: receive the global adapter, train or evaluate locally, reply with adapter + metrics.
+
+The reply holds the adapter tensors, scalar metrics and the platform's name; the head, the item table and
+every interaction stay on the node.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.session import ClientSession
+from common.adapters import from_record, record_bytes, to_record
+from common.config import PollenConfig
+
+STATE_KEY = "pollen"
+app = ClientApp()
+
+
+def _open(msg: Message, context: Context) -> ClientSession:
+    table = dict(msg.content["config"])
+    table.pop("server-round", None)  # added by the strategy
+    config = PollenConfig.from_flat(table)
+    session = ClientSession.open(config, dict(context.node_config))
+    saved = context.state.config_records.get(STATE_KEY)
+    session.restore(saved["checkpoint"] if saved else None)
+    session.set_adapter(from_record(msg.content["arrays"]))
+    return session
+
+
+def _platform(session: ClientSession) -> ConfigRecord:
+    return ConfigRecord({"platform": session.name})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    session = _open(msg, context)
+    metrics = session.train()
+    context.state[STATE_KEY] = ConfigRecord({"checkpoint": session.checkpoint()})
+    arrays = to_record(session.encoder.adapter_state())
+    metrics["upload-bytes"] = float(record_bytes(arrays))
+    metrics["download-bytes"] = float(record_bytes(msg.content["arrays"]))
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "platform": _platform(session)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    session = _open(msg, context)
+    content = RecordDict({"metrics": MetricRecord(session.evaluate()), "platform": _platform(session)})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,100 @@
+"""A platform's local side of the federation: its data, model and private state, kept between messages.
+
+Objects live for the life of the process (a Ray actor in simulation); the private state (head, optimiser,
+RNG) travels in Flower's ``Context.state`` so any process serving this node can pick it up.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from common.config import PollenConfig
+from common.data.sources import load_split, platform_names
+from common.model.encoder import TextEncoder, cached_item_states
+from common.model.recommender import Recommender
+from common.runtime import configure_threads, resolve_device
+from common.train import Platform, Trainer
+
+_SESSIONS: dict[str, "ClientSession"] = {}
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("POLLEN_CACHE", str(Path.home() / ".cache" / "pollen"))
+
+
+class ClientSession:
+    def __init__(self, config: PollenConfig, name: str, data_path: str | None, cache_dir: str, device: str):
+        self.config = config
+        self.device = resolve_device(device)
+        split = load_split(config.data, name, data_path)
+        torch.manual_seed(config.train.seed)
+        self.encoder = TextEncoder(config.model, seed=config.train.seed).to(self.device)
+        states = cached_item_states(self.encoder, split.item_texts, cache_dir)
+        model = Recommender(split, config, self.encoder, states).to(self.device)
+        self.platform = Platform(split, model)
+        self.trainer = Trainer([self.platform], self.encoder, config)
+        self.fresh_state = self.checkpoint()  # what a node that never trained starts from
+
+    @classmethod
+    def open(cls, config: PollenConfig, node_config: dict) -> "ClientSession":
+        """The session for this node's platform, built once per process and reused."""
+        configure_threads(int(node_config.get("threads", config.train.threads)))
+        name, data_path = node_platform(config, node_config)
+        cache_dir = str(node_config.get("cache-dir", default_cache_dir()))
+        device = str(node_config.get("device", config.train.device))
+        shared = {k: v for k, v in config.to_flat().items() if k not in ("num-rounds", "round-timeout", "run-dir")}
+        key = json.dumps([name, data_path, device, shared], sort_keys=True)
+        if key not in _SESSIONS:
+            _SESSIONS[key] = cls(config, name, data_path, cache_dir, device)
+        return _SESSIONS[key]
+
+    @property
+    def name(self) -> str:
+        return self.platform.split.name
+
+    # -- private state ---------------------------------------------------------------------------
+    def checkpoint(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save({"head": self.platform.model.private_state(), "trainer": self.trainer.state_dict()}, buffer)
+        return buffer.getvalue()
+
+    def restore(self, checkpoint: bytes | None) -> None:
+        state = torch.load(io.BytesIO(checkpoint or self.fresh_state), weights_only=False)
+        self.platform.model.head.load_state_dict(state["head"])
+        self.trainer.load_state_dict(state["trainer"])
+
+    # -- the work of one message -----------------------------------------------------------------
+    def set_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        self.encoder.load_adapter_state({k: v.to(self.device) for k, v in state.items()})
+
+    def train(self) -> dict[str, float]:
+        start = time.perf_counter()
+        losses = [self.trainer.epoch()[self.name] for _ in range(self.config.train.local_epochs)]
+        return {"num-examples": float(self.trainer.num_sequences), "train-loss": losses[-1],
+                "train-seconds": time.perf_counter() - start}
+
+    def evaluate(self) -> dict[str, float]:
+        start = time.perf_counter()
+        metrics = {f"valid-{k}": v for k, v in self.platform.validate().items()}
+        metrics.update({f"test-{k}": v for k, v in self.platform.test().items()})
+        metrics["theta"] = float(torch.as_tensor(self.platform.model.head.theta()).detach())
+        metrics["num-examples"] = metrics["test-users"]
+        metrics["eval-seconds"] = time.perf_counter() - start
+        return metrics
+
+
+def node_platform(config: PollenConfig, node_config: dict) -> tuple[str, str | None]:
+    """(platform name, data path): a deployed node names both; a simulated node is given a partition id."""
+    if "platform" in node_config:
+        return str(node_config["platform"]), node_config.get("data-path") and str(node_config["data-path"])
+    names = platform_names(config.data)
+    partition = int(node_config.get("partition-id", 0))
+    if partition >= len(names):
+        raise ValueError(f"node partition-id {partition} but the run has only {len(names)} platforms: {names}")
+    return names[partition], None

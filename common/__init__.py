@@ -1,0 +1,1 @@
+"""What the Pollen server and clients share: data, model, training, evaluation and config."""

@@ -1,0 +1,31 @@
+"""Scorers for the two methods that do not train: popularity and frozen pretrained text (zero-shot).
+
+Both plug into the one evaluator (common/evaluate.py) like a trained Recommender does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.data.split import SplitData
+from common.evaluate import Scorer
+from common.model.encoder import ItemStates, TextEncoder
+
+
+def popularity_scorer(split: SplitData) -> Scorer:
+    """Every user gets the items most often seen in training."""
+    counts = torch.as_tensor(split.item_counts(), dtype=torch.float32)
+    return lambda histories: counts.expand(len(histories), -1)
+
+
+def zero_shot_scorer(split: SplitData, encoder: TextEncoder, states: ItemStates, recent: int = 10) -> Scorer:
+    """Cosine between each item's pretrained text vector and the mean of the user's ``recent`` last items."""
+    items = F.normalize(encoder.encode_catalogue(states), dim=-1).cpu()
+
+    def score(histories: list[np.ndarray]) -> torch.Tensor:
+        users = torch.stack([items[torch.as_tensor(h[-recent:])].mean(0) for h in histories])
+        return F.normalize(users, dim=-1) @ items.T
+
+    return score

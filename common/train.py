@@ -1,0 +1,174 @@
+"""The one training loop, used by the Flower client, the local and centralised baselines and ID-only SASRec.
+
+A Trainer holds one AdamW over the shared adapter (if any) and every given platform's head. One epoch visits
+each platform's training sequences once, in a shuffled interleaving of platforms (a single platform for a
+client; several for the centralised reference). ``fit`` adds model selection on validation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from common.config import PollenConfig
+from common.data.split import SplitData
+from common.evaluate import evaluate
+from common.model.encoder import TextEncoder
+from common.model.recommender import Recommender, pad_left
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Platform:
+    """A platform ready to train: its split data and its model (which may share an encoder with others)."""
+
+    split: SplitData
+    model: Recommender
+
+    def validate(self) -> dict[str, float]:
+        self.model.refresh_text_table()
+        return evaluate(self.model.score, self.split, "valid")
+
+    def test(self) -> dict[str, float]:
+        self.model.refresh_text_table()
+        return evaluate(self.model.score, self.split, "test")
+
+
+def training_pairs(split: SplitData, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-item targets [S, L]: each training sequence cut from its end into windows of max_len + 1.
+
+    Every training item is predicted once per epoch, however long the history; SASRec's usual "last 50 only"
+    would throw away most of a long history.
+    """
+    windows = []
+    for seq in split.train_sequences():
+        for end in range(len(seq), 1, -max_len):
+            windows.append(seq[max(0, end - max_len - 1):end])
+    inputs = pad_left([w[:-1] for w in windows], max_len)
+    targets = pad_left([w[1:] for w in windows], max_len)
+    return inputs, targets
+
+
+class Trainer:
+    def __init__(self, platforms: list[Platform], encoder: TextEncoder | None, config: PollenConfig):
+        self.platforms = platforms
+        self.encoder = encoder if config.model.text else None
+        self.config = config.train
+        self.max_len = config.data.max_len
+        self.pairs = [training_pairs(p.split, self.max_len) for p in platforms]
+        groups = [{"params": [q for p in platforms for q in p.model.head.parameters()], "lr": self.config.lr}]
+        if self.encoder is not None and self.encoder.lora_parameters():
+            groups.append({"params": self.encoder.lora_parameters(), "lr": self.config.lora_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+        self.rng = np.random.default_rng(self.config.seed)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.device = next(platforms[0].model.head.parameters()).device
+
+    @property
+    def num_sequences(self) -> int:
+        return sum(len(inputs) for inputs, _ in self.pairs)
+
+    def epoch(self) -> dict[str, float]:
+        """One pass over every platform's training sequences; returns the mean loss per platform."""
+        batch = self.config.batch_size
+        plan = [(i, idx) for i, (inputs, _) in enumerate(self.pairs)
+                for idx in np.array_split(self.rng.permutation(len(inputs)), max(1, -(-len(inputs) // batch)))]
+        self.rng.shuffle(plan)
+        for p in self.platforms:
+            p.model.train()
+            p.model.refresh_text_table()
+        losses: dict[int, list[float]] = {i: [] for i in range(len(self.platforms))}
+        for i, idx in plan:
+            model = self.platforms[i].model
+            inputs, targets = (t[torch.as_tensor(idx)].to(self.device) for t in self.pairs[i])
+            loss = model.loss(inputs, targets, self._live_items(inputs, targets), self.config.loss,
+                              self.config.negatives, self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses[i].append(loss.item())
+        for p in self.platforms:
+            p.model.eval()
+        return {self.platforms[i].split.name: float(np.mean(v)) if v else float("nan") for i, v in losses.items()}
+
+    def _live_items(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """A random sample of the batch's distinct items to re-encode with gradient this step."""
+        if self.encoder is None or not self.encoder.lora_parameters() or self.config.live_items <= 0:
+            return None
+        items = torch.unique(torch.cat([inputs.flatten(), targets.flatten()]).cpu())
+        items = items[items > 0]
+        if len(items) > self.config.live_items:
+            items = items[torch.randperm(len(items), generator=self.generator)[:self.config.live_items]]
+        return items
+
+    # -- persistence between federated rounds ------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.generator.set_state(state["generator"])
+
+
+@dataclass
+class FitResult:
+    """Per platform: validation metrics of every epoch, the selected epoch, and test metrics at it."""
+
+    valid: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    best_epoch: dict[str, int] = field(default_factory=dict)
+    test: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    epochs_run: int = 0
+
+
+def fit(platforms: list[Platform], encoder: TextEncoder | None, config: PollenConfig, epochs: int,
+        patience: int = 0, log: Log = print, label: str = "") -> FitResult:
+    """Train for up to ``epochs``; each platform keeps its best-on-validation state, then is tested once.
+
+    patience > 0 stops once no platform improved its validation NDCG@10 for that many epochs.
+    """
+    trainer = Trainer(platforms, encoder, config)
+    result = FitResult(valid={p.split.name: [] for p in platforms})
+    best: dict[str, tuple[float, dict]] = {}
+    start, stale = time.perf_counter(), 0
+    for epoch in range(1, epochs + 1):
+        losses = trainer.epoch()
+        improved = False
+        for p in platforms:
+            metrics = p.validate()
+            result.valid[p.split.name].append(metrics)
+            if metrics["ndcg@10"] > best.get(p.split.name, (-1.0, {}))[0]:
+                best[p.split.name] = (metrics["ndcg@10"], _snapshot(p, encoder))
+                result.best_epoch[p.split.name] = epoch
+                improved = True
+        stale = 0 if improved else stale + 1
+        log(f"{label}epoch {epoch}/{epochs}  " + "  ".join(
+            f"{name}: loss {losses[name]:.3f} val-ndcg@10 {result.valid[name][-1]['ndcg@10']:.4f}"
+            for name in losses) + f"  ({time.perf_counter() - start:.0f}s)")
+        result.epochs_run = epoch
+        if patience and stale >= patience:
+            log(f"{label}early stop: no validation gain for {patience} epochs")
+            break
+    result.seconds = time.perf_counter() - start
+    for p in platforms:
+        _restore(p, encoder, best[p.split.name][1])
+        result.test[p.split.name] = p.test()
+    return result
+
+
+def _snapshot(platform: Platform, encoder: TextEncoder | None) -> dict:
+    return {"head": platform.model.private_state(),
+            "adapter": encoder.adapter_state() if encoder is not None else {}}
+
+
+def _restore(platform: Platform, encoder: TextEncoder | None, snapshot: dict) -> None:
+    platform.model.head.load_state_dict(snapshot["head"])
+    if encoder is not None and snapshot["adapter"]:
+        encoder.load_adapter_state(snapshot["adapter"])

@@ -1,0 +1,97 @@
+"""The run's record: a line per round on the console, rounds.csv, results.json and a plot of NDCG@10.
+
+Each platform's reported model is the round with its best validation NDCG@10 (round 0, the untrained
+starting point, is shown but never selected); test metrics are only read at that round.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Callable
+
+from common.files import write_atomic, write_json
+
+SHOWN = "test-ndcg@10"
+
+
+class RunRecord:
+    def __init__(self, run_dir: Path, config: dict, num_rounds: int, log: Callable[[str], None] = print):
+        self.run_dir, self.config, self.num_rounds, self.log = run_dir, config, num_rounds, log
+        self.evaluations: dict[int, dict[str, dict[str, float]]] = {}
+        self.training: dict[int, dict[str, dict[str, float]]] = {}
+        self.round_seconds: dict[int, float] = {}
+        self.adapter_bytes = 0
+        self.started = self._last = time.perf_counter()
+
+    def add_training(self, server_round: int, per_platform: dict[str, dict[str, float]]) -> None:
+        self.training[server_round] = per_platform
+
+    def add_evaluation(self, server_round: int, per_platform: dict[str, dict[str, float]]) -> None:
+        now = time.perf_counter()
+        self.evaluations[server_round] = per_platform
+        self.round_seconds[server_round] = now - self._last
+        self._last = now
+        shown = "  ".join(f"{name} {m.get(SHOWN, float('nan')):.4f}" for name, m in sorted(per_platform.items()))
+        upload = [m.get("upload-bytes", 0) for m in self.training.get(server_round, {}).values()]
+        extra = f"  upload {max(upload) / 1024:.0f} KiB/client" if upload else ""
+        self.log(f"round {server_round}/{self.num_rounds}  test NDCG@10: {shown}{extra}  "
+                 f"({self.round_seconds[server_round]:.0f}s)")
+        self.save()
+
+    def selected(self) -> dict[str, dict]:
+        """Per platform: the trained round with the best validation NDCG@10 and its test metrics."""
+        out: dict[str, dict] = {}
+        for rnd, per_platform in sorted(self.evaluations.items()):
+            for name, m in per_platform.items():
+                if rnd > 0 and m["valid-ndcg@10"] > out.get(name, {}).get("valid-ndcg@10", -1.0):
+                    out[name] = {"round": rnd, "valid-ndcg@10": m["valid-ndcg@10"],
+                                 "test": {k[5:]: v for k, v in m.items() if k.startswith("test-")}}
+        return out
+
+    def save(self) -> None:
+        write_json(self.run_dir / "results.json", {
+            "config": self.config, "rounds_completed": max(self.evaluations, default=0),
+            "adapter_bytes": self.adapter_bytes, "seconds": time.perf_counter() - self.started,
+            "round_seconds": self.round_seconds, "evaluations": self.evaluations, "training": self.training,
+            "selected": self.selected()})
+        write_atomic(self.run_dir / "rounds.csv", self._csv())
+        self._plot()
+
+    def _csv(self) -> str:
+        rows = []
+        for rnd, per_platform in sorted(self.evaluations.items()):
+            for name, m in sorted(per_platform.items()):
+                train = self.training.get(rnd, {}).get(name, {})
+                rows.append({"round": rnd, "platform": name, **m,
+                             **{f"train-{k}": v for k, v in train.items() if k != "num-examples"}})
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        names = sorted({n for per in self.evaluations.values() for n in per})
+        for name in names:
+            rounds = [r for r in sorted(self.evaluations) if name in self.evaluations[r]]
+            line, = ax.plot(rounds, [self.evaluations[r][name][SHOWN] for r in rounds], marker="o", label=name)
+            ax.plot(rounds, [self.evaluations[r][name]["valid-ndcg@10"] for r in rounds], ls="--",
+                    color=line.get_color(), alpha=0.5)
+        ax.set(xlabel="round (0 = before training)", ylabel="NDCG@10 (full ranking)",
+               title="Pollen federation: test (solid) and validation (dashed) NDCG@10")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        write_atomic(self.run_dir / "ndcg_per_round.png", buffer.getvalue())

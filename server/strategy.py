@@ -1,0 +1,67 @@
+"""FedAvg over the LoRA adapter only, weighted by each client's number of training sequences.
+
+On top of Flower's FedAvg: every reply is checked against the adapter's keys, shapes and dtypes and for
+finite values before it is averaged (a bad one is logged with its node id and left out, the round goes on),
+and the aggregate plus each platform's training metrics go to ``on_aggregate`` (the server saves them)
+after every round; each platform's evaluation metrics go to ``on_evaluate``.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+from typing import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.adapters import problems
+
+
+class AdapterFedAvg(FedAvg):
+    def __init__(self, expected: dict, min_clients: int,
+                 on_aggregate: Callable[[int, ArrayRecord, dict[str, dict[str, float]]], None] = lambda *a: None,
+                 on_evaluate: Callable[[int, dict[str, dict[str, float]]], None] = lambda r, m: None):
+        super().__init__(min_train_nodes=min_clients, min_evaluate_nodes=min_clients,
+                         min_available_nodes=min_clients)
+        self.expected = expected
+        self.on_aggregate = on_aggregate
+        self.on_evaluate = on_evaluate
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted, per_platform = [], {}
+        for reply in replies:
+            if not reply.has_error():
+                issues = problems(reply.content["arrays"], self.expected) if "arrays" in reply.content else \
+                    ["no 'arrays' record"]
+                if issues:
+                    log(WARNING, "round %d: rejected the update of node %d (%s): %s", server_round,
+                        reply.metadata.src_node_id, _platform(reply), "; ".join(issues))
+                    continue
+                per_platform[_platform(reply)] = dict(reply.content["metrics"])
+            accepted.append(reply)
+        arrays, metrics = super().aggregate_train(server_round, accepted)
+        if arrays is not None:
+            self.on_aggregate(server_round, arrays, per_platform)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        per_platform = {_platform(r): dict(r.content["metrics"]) for r in replies if not r.has_error()}
+        self.on_evaluate(server_round, per_platform)
+        return super().aggregate_evaluate(server_round, replies)
+
+    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                       timeout: float) -> MetricRecord | None:
+        """One client-side evaluation outside the training loop (round 0: the adapter before any training)."""
+        log(INFO, "[ROUND %d] client-side evaluation of the starting adapter", server_round)
+        replies = grid.send_and_receive(self.configure_evaluate(server_round, arrays, config, grid),
+                                        timeout=timeout)
+        return self.aggregate_evaluate(server_round, replies)
+
+
+def _platform(reply: Message) -> str:
+    record = reply.content.config_records.get("platform")
+    return str(record["platform"]) if record else f"node-{reply.metadata.src_node_id}"

@@ -1,0 +1,84 @@
+"""The encoder's cached-bottom / LoRA-top split computes what the plain model computes; the adapter round-trips."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from common.config import ModelConfig, PollenConfig
+from common.data.synthetic import SyntheticConfig, generate
+from common.data.split import leave_one_out
+from common.model.encoder import TextEncoder, cached_item_states
+from common.model.recommender import Recommender
+from common.train import Platform, Trainer
+
+TEXTS = ["Texas Instruments TI-30X IIS 2-Line Scientific Calculator", "Morcheeba",
+         "Toy Story (1995) Animation Children's Comedy", "a"]
+
+
+def _reference(path, texts):
+    model = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    batch = AutoTokenizer.from_pretrained(path)(texts, padding=True, truncation=True, max_length=32,
+                                               return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+@pytest.mark.parametrize("lora_layers", [0, 1, 2])
+def test_split_encoder_equals_plain_forward(tiny_bert, lora_layers):
+    encoder = TextEncoder(ModelConfig(base_model=tiny_bert, lora_layers=lora_layers))
+    vectors = encoder.encode_catalogue(encoder.item_states(TEXTS))
+    assert torch.allclose(vectors[0], torch.zeros_like(vectors[0]))  # padding item
+    assert torch.allclose(vectors[1:], _reference(tiny_bert, TEXTS), atol=2e-3)  # states cached as float16
+
+
+@pytest.mark.integration
+def test_real_minilm_split_equals_plain_forward():
+    encoder = TextEncoder(ModelConfig(lora_layers=2))
+    vectors = encoder.encode_catalogue(encoder.item_states(TEXTS))[1:]
+    reference = _reference(str(encoder.bert.get_base_model().name_or_path), TEXTS)
+    assert torch.nn.functional.cosine_similarity(vectors, reference).min() > 0.9999
+    assert sum(p.numel() for p in encoder.lora_parameters()) == 2 * 2 * 8 * (384 + 384)  # q,v in 2 layers
+
+
+def test_adapter_round_trip_through_peft_folder(tiny_bert, tmp_path):
+    from peft import PeftModel
+
+    encoder = TextEncoder(ModelConfig(base_model=tiny_bert, lora_layers=1))
+    state = {k: torch.randn_like(v) for k, v in encoder.adapter_state().items()}
+    encoder.load_adapter_state(state)
+    encoder.save_adapter(tmp_path)
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_bert, add_pooling_layer=False), tmp_path)
+    from peft import get_peft_model_state_dict
+
+    for key, value in get_peft_model_state_dict(reloaded).items():
+        assert torch.equal(value, state[key])
+    with pytest.raises(ValueError, match="adapter tensor .*expected shape"):
+        encoder.load_adapter_state({k: v[:1] for k, v in state.items()})
+
+
+def test_item_state_cache_is_reused(tiny_bert, tmp_path):
+    encoder = TextEncoder(ModelConfig(base_model=tiny_bert, lora_layers=1))
+    first = cached_item_states(encoder, TEXTS, tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    second = cached_item_states(encoder, TEXTS, tmp_path)
+    assert torch.equal(first.states, second.states) and torch.equal(first.offsets, second.offsets)
+
+
+def test_training_lowers_loss_and_updates_adapter_and_head(tiny_bert):
+    config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "batch-size": 32})
+    split = leave_one_out(generate(SyntheticConfig())[0])
+    torch.manual_seed(0)
+    encoder = TextEncoder(config.model)
+    platform = Platform(split, Recommender(split, config, encoder))
+    trainer = Trainer([platform], encoder, config)
+    adapter, head = encoder.adapter_state(), platform.model.private_state()
+    losses = [trainer.epoch()[split.name] for _ in range(3)]
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(v, encoder.adapter_state()[k]) for k, v in adapter.items())
+    assert any(not torch.equal(v, platform.model.private_state()[k]) for k, v in head.items())
+    scores = platform.model.score([np.array([1, 2, 3])])
+    assert scores.shape == (1, split.num_items + 1)
