@@ -139,7 +139,7 @@ class TextEncoder(nn.Module):
         weights = mask.float()[..., None]
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the table takes part in training steps as a constant
     def encode_catalogue(self, cache: ItemStates, batch_size: int = 512) -> torch.Tensor:
         """[num_items + 1, hidden] vectors of every item (row 0 = padding), without gradient."""
         n = len(cache.lengths)
@@ -148,7 +148,7 @@ class TextEncoder(nn.Module):
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             out[idx.to(self.device)] = self.forward(cache, idx)
-        return out.clone()
+        return out
 
     def _run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, first: int, last: int) -> torch.Tensor:
         additive = (~mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
