@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -18,14 +16,10 @@ from common.config import PollenConfig
 from common.data.sources import load_split, platform_names
 from common.model.encoder import TextEncoder, cached_item_states
 from common.model.recommender import Recommender
-from common.runtime import configure_threads, resolve_device
+from common.runtime import configure_threads, default_cache_dir, resolve_device
 from common.train import Platform, Trainer
 
 _SESSIONS: dict[str, "ClientSession"] = {}
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("POLLEN_CACHE", str(Path.home() / ".cache" / "pollen"))
 
 
 class ClientSession:
@@ -81,8 +75,7 @@ class ClientSession:
 
     def evaluate(self) -> dict[str, float]:
         start = time.perf_counter()
-        metrics = {f"valid-{k}": v for k, v in self.platform.validate().items()}
-        metrics.update({f"test-{k}": v for k, v in self.platform.test().items()})
+        metrics = {f"{which}-{k}": v for which in ("valid", "test") for k, v in self.platform.evaluate(which).items()}
         metrics["theta"] = float(torch.as_tensor(self.platform.model.head.theta()).detach())
         metrics["num-examples"] = metrics["test-users"]
         metrics["eval-seconds"] = time.perf_counter() - start

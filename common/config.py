@@ -64,11 +64,11 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     local_epochs: int = 1           # epochs per federated round (the whole budget for a local method = rounds x this)
-    batch_size: int = 128
-    lr: float = 1e-3                # head
+    batch_size: int = 64
+    lr: float = 2e-3                # head
     lora_lr: float = 1e-3
     weight_decay: float = 0.0
-    live_items: int = 128           # items per step re-encoded with gradient; the rest come from a per-epoch table
+    live_items: int = 32            # items per step re-encoded with gradient; the rest come from a per-epoch table
     loss: str = "softmax"           # "softmax" over the whole catalogue, or "sampled" negatives
     negatives: int = 256            # for loss = "sampled"
     seed: int = 42

@@ -32,3 +32,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but no CUDA GPU is available")
     return device
+
+
+def default_cache_dir() -> str:
+    """Where frozen-layer item states are kept between processes (POLLEN_CACHE overrides)."""
+    return os.environ.get("POLLEN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pollen"))

@@ -30,13 +30,10 @@ class Platform:
     split: SplitData
     model: Recommender
 
-    def validate(self) -> dict[str, float]:
+    def evaluate(self, which: str) -> dict[str, float]:
+        """Metrics on 'valid' or 'test' with the catalogue encoded by the current adapter."""
         self.model.refresh_text_table()
-        return evaluate(self.model.score, self.split, "valid")
-
-    def test(self) -> dict[str, float]:
-        self.model.refresh_text_table()
-        return evaluate(self.model.score, self.split, "test")
+        return evaluate(self.model.score, self.split, which)
 
 
 def training_pairs(split: SplitData, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +88,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.encoder is not None:
+                self.encoder.version += 1
             losses[i].append(loss.item())
         for p in self.platforms:
             p.model.eval()
@@ -142,7 +141,7 @@ def fit(platforms: list[Platform], encoder: TextEncoder | None, config: PollenCo
         losses = trainer.epoch()
         improved = False
         for p in platforms:
-            metrics = p.validate()
+            metrics = p.evaluate("valid")
             result.valid[p.split.name].append(metrics)
             if metrics["ndcg@10"] > best.get(p.split.name, (-1.0, {}))[0]:
                 best[p.split.name] = (metrics["ndcg@10"], _snapshot(p, encoder))
@@ -159,7 +158,7 @@ def fit(platforms: list[Platform], encoder: TextEncoder | None, config: PollenCo
     result.seconds = time.perf_counter() - start
     for p in platforms:
         _restore(p, encoder, best[p.split.name][1])
-        result.test[p.split.name] = p.test()
+        result.test[p.split.name] = p.evaluate("test")
     return result
 
 

@@ -12,6 +12,7 @@ best epoch (or round) on validation. Writes benchmark.json and benchmark.md into
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
@@ -25,11 +26,11 @@ from common.evaluate import evaluate
 from common.files import write_atomic, write_json
 from common.model.encoder import TextEncoder, cached_item_states
 from common.model.recommender import Recommender
-from common.runtime import configure_threads
+from common.runtime import configure_threads, default_cache_dir
 from common.train import Platform, fit
 from server.app import resolve_run_dir
 
-METHODS = ("popularity", "sasrec-id", "zero-shot", "local-only", "federated", "centralised")
+METHODS = ("popularity", "zero-shot", "sasrec-id", "federated", "local-only", "centralised")
 SHOWN = ("ndcg@10", "ndcg@20", "hr@10", "hr@20", "mrr", "precision@10", "recall@10", "f1@10")
 
 
@@ -44,7 +45,8 @@ def build_platforms(splits: list[SplitData], config: PollenConfig, cache_dir: st
     return platforms
 
 
-def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str | None, log=print) -> dict:
+def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str | None,
+                  log=functools.partial(print, flush=True)) -> dict:
     budget = config.federation.num_rounds * config.train.local_epochs
     splits = [load_split(config.data, name) for name in platform_names(config.data)]
     for s in splits:
@@ -138,7 +140,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    parser.add_argument("--cache-dir", default=".cache/pollen", help="where frozen-layer item states are kept")
+    parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
     add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data", "num-rounds": 10}))
     args = parser.parse_args()
     config = from_args(args)

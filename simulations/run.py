@@ -20,6 +20,7 @@ from common.data.sources import platform_names
 
 def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True):
     """Run the federation with one simulated node per platform; returns the server's RunRecord."""
+    import torch
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -27,6 +28,8 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True):
     from server.app import run_federation
 
     cpus = cpus or os.cpu_count() or 1
+    clients = len(platform_names(config.data))
+    gpus = 1.0 / clients if torch.cuda.is_available() else 0.0  # Ray hides the GPU from actors given none
     records = []
     server_app = ServerApp()
 
@@ -37,11 +40,11 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True):
     if quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     # one CPU per client: Ray runs at most `cpus` clients at once, each with one torch thread
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error",
                              "log_to_driver": True}}
     run_simulation(server_app=server_app, client_app=client_app,
-                   num_supernodes=len(platform_names(config.data)), backend_config=backend)
+                   num_supernodes=clients, backend_config=backend)
     expected = set(platform_names(config.data))
     if not records or set(records[0].evaluations.get(config.federation.num_rounds, {})) != expected:
         raise RuntimeError(f"the federation did not finish with every platform ({sorted(expected)}): "

@@ -94,5 +94,5 @@ def _match_sampled_negatives(split: SplitData, negatives: pd.DataFrame,
         target_index = index.get(row.item)
         for name, offset in (("valid", -2), ("test", -1)):
             if getattr(row, "split", name) == name and split.sequences[u][offset] == target_index:
-                matched[(name, u)] = index.reindex(list(row.negatives)).dropna().to_numpy(dtype=np.int64)
+                matched[(name, u)] = np.array(index.reindex(list(row.negatives)).dropna(), dtype=np.int64)
     return matched

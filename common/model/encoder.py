@@ -79,6 +79,7 @@ class TextEncoder(nn.Module):
             self.bert = bert
             for p in self.bert.parameters():
                 p.requires_grad_(False)
+        self.version = 0  # bumped whenever the adapter changes, so item tables know when they are stale
         self.bert.eval()  # dropout off: cached bottom states and live top states come from the same function
 
     @property
@@ -101,6 +102,7 @@ class TextEncoder(nn.Module):
                 raise ValueError(f"adapter tensor {key}: expected shape {tuple(expected[key].shape)}, "
                                  f"got {tuple(value.shape)}")
         set_peft_model_state_dict(self.bert, state)
+        self.version += 1
 
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.bert.parameters() if p.requires_grad]

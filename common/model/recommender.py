@@ -32,17 +32,20 @@ class Recommender(nn.Module):
         text_dim = self.encoder.hidden_size if self.encoder is not None else None
         self.head = RecommendationHead(split.num_items, text_dim, config.model, config.data)
         self._text_table: torch.Tensor | None = None
+        self._table_version = -1
 
     # -- catalogue ---------------------------------------------------------------------------------
     def refresh_text_table(self) -> None:
-        """Re-encode the whole catalogue with the current adapter (call after the adapter changed)."""
-        self._text_table = self.encoder.encode_catalogue(self.states) if self.encoder is not None else None
+        """Re-encode the whole catalogue if the adapter changed since the table was made."""
+        if self.encoder is not None and self._table_version != self.encoder.version:
+            self._text_table = self.encoder.encode_catalogue(self.states)
+            self._table_version = self.encoder.version
 
     def text_table(self, live_items: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.encoder is None:
             return None
         if self._text_table is None:
-            self.refresh_text_table()
+            self.refresh_text_table()  # within an epoch the table is deliberately left stale
         if live_items is None or len(live_items) == 0:
             return self._text_table
         live = self.encoder(self.states, live_items)
