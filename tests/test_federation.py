@@ -1,7 +1,8 @@
 """A real Flower simulation (Ray backend, three platforms, tiny BERT): what travels, what is aggregated, what is saved.
 
 The ServerApp here is Pollen's own ``run_federation`` with the Grid wrapped so that every reply a client sent
-is kept for inspection: that is exactly what left the clients.
+is kept for inspection: that is exactly what left the clients. The ClientApp is Pollen's own, except that the
+video platform turns hostile in round 2 and sends a NaN in its adapter: the server must leave it out.
 """
 
 import json
@@ -9,10 +10,15 @@ import json
 import numpy as np
 import pytest
 import torch
+import sys
+
+import cloudpickle
+from flwr.app import Array
+from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
-from client.app import app as client_app
+from client import app as pollen_client
 from common.config import PollenConfig
 from server.app import run_federation
 
@@ -30,6 +36,31 @@ class RecordingGrid:
 
     def __getattr__(self, name):
         return getattr(self.grid, name)
+
+
+HOSTILE_PLATFORM, HOSTILE_ROUND = "video", 2
+client_app = ClientApp()
+
+
+@client_app.train()
+def _train(msg, context):
+    reply = pollen_client.train(msg, context)
+    if (reply.content["platform"]["platform"] == HOSTILE_PLATFORM
+            and msg.content["config"]["server-round"] == HOSTILE_ROUND):
+        arrays = reply.content["arrays"]
+        key = next(iter(arrays))
+        poisoned = arrays[key].numpy().copy()
+        poisoned.flat[0] = np.nan
+        arrays[key] = Array(poisoned)
+    return reply
+
+
+@client_app.evaluate()
+def _evaluate(msg, context):
+    return pollen_client.evaluate(msg, context)
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray actors cannot import a test module
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +102,14 @@ def test_only_adapter_tensors_and_scalars_leave_clients(federation):
             assert not content.array_records
 
 
-def test_global_adapter_is_weighted_mean_of_updates(federation):
+def test_global_adapter_is_weighted_mean_of_honest_updates(federation):
+    """Round 2: the aggregate is the mean of the two honest adapters weighted by training sequences."""
     config, _, replies, run_dir = federation
     from safetensors.torch import load_file
 
     last_round = [r for r in replies if r.metadata.message_type.endswith("train")][-3:]
+    assert sorted(r.content["platform"]["platform"] for r in last_round) == ["ecommerce", "social", "video"]
+    last_round = [r for r in last_round if r.content["platform"]["platform"] != HOSTILE_PLATFORM]
     weights = np.array([r.content["metrics"]["num-examples"] for r in last_round], dtype=np.float64)
     assert len(set(weights)) > 1  # platforms differ in size, so the weighting matters
     saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
@@ -95,5 +129,7 @@ def test_run_record_has_every_round_and_platform(federation):
     for per_platform in results["evaluations"].values():
         assert sorted(per_platform) == ["ecommerce", "social", "video"]
     assert set(record.selected()) == {"ecommerce", "social", "video"}
+    assert sorted(record.training[HOSTILE_ROUND]) == ["ecommerce", "social"]  # the NaN update was rejected
+    assert sorted(record.training[1]) == ["ecommerce", "social", "video"]
     assert (run_dir / "rounds.csv").read_text().count("\n") == 1 + 3 * 3
     assert (run_dir / "ndcg_per_round.png").stat().st_size > 1000
