@@ -25,7 +25,7 @@ def zero_shot_scorer(split: SplitData, encoder: TextEncoder, states: ItemStates,
     items = F.normalize(encoder.encode_catalogue(states), dim=-1).cpu()
 
     def score(histories: list[np.ndarray]) -> torch.Tensor:
-        users = torch.stack([items[torch.as_tensor(h[-recent:])].mean(0) for h in histories])
+        users = torch.stack([items[torch.tensor(h[-recent:])].mean(0) for h in histories])
         return F.normalize(users, dim=-1) @ items.T
 
     return score

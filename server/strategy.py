@@ -48,10 +48,15 @@ class AdapterFedAvg(FedAvg):
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Platforms report different metrics (only some ship sampled negatives): average the shared ones."""
         replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                log(WARNING, "round %d: evaluation failed on node %d: %s", server_round,
+                    reply.metadata.src_node_id, reply.error.reason)
         per_platform = {_platform(r): dict(r.content["metrics"]) for r in replies if not r.has_error()}
         self.on_evaluate(server_round, per_platform)
-        return super().aggregate_evaluate(server_round, replies)
+        return MetricRecord(mean_shared_metrics(per_platform)) if per_platform else None
 
     def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                        timeout: float) -> MetricRecord | None:
@@ -60,6 +65,13 @@ class AdapterFedAvg(FedAvg):
         replies = grid.send_and_receive(self.configure_evaluate(server_round, arrays, config, grid),
                                         timeout=timeout)
         return self.aggregate_evaluate(server_round, replies)
+
+
+def mean_shared_metrics(per_platform: dict[str, dict[str, float]], weight: str = "num-examples") -> dict[str, float]:
+    """Mean of the metrics every platform reported, weighted by ``weight`` (e.g. users evaluated)."""
+    shared = set.intersection(*(set(m) for m in per_platform.values())) - {weight}
+    total = sum(m[weight] for m in per_platform.values())
+    return {key: sum(m[key] * m[weight] for m in per_platform.values()) / total for key in sorted(shared)}
 
 
 def _platform(reply: Message) -> str:

@@ -30,7 +30,7 @@ from common.runtime import configure_threads, default_cache_dir
 from common.train import Platform, fit
 from server.app import resolve_run_dir
 
-METHODS = ("popularity", "zero-shot", "sasrec-id", "federated", "local-only", "centralised")
+METHODS = ("popularity", "zero-shot", "federated", "sasrec-id", "local-only", "centralised")
 SHOWN = ("ndcg@10", "ndcg@20", "hr@10", "hr@20", "mrr", "precision@10", "recall@10", "f1@10")
 
 

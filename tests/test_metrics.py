@@ -41,3 +41,11 @@ def test_masked_target_counts_as_a_miss():
     scores = torch.tensor([[0.0, 5.0, 4.0]])
     rank = target_ranks(scores, torch.tensor([1]), [np.array([1])])
     assert rank.item() == 2  # last of the 3 columns: never a hit at any K < catalogue size
+
+
+def test_platform_metrics_average_only_what_all_report():
+    from server.strategy import mean_shared_metrics
+
+    per_platform = {"shop": {"num-examples": 3.0, "ndcg@10": 0.4, "sampled-ndcg@10": 0.9},
+                    "video": {"num-examples": 1.0, "ndcg@10": 0.0}}
+    assert mean_shared_metrics(per_platform) == {"ndcg@10": pytest.approx(0.3)}
