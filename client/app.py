@@ -9,7 +9,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.session import ClientSession
+from client.session import ClientSession, export_dir
 from common.adapters import from_record, record_bytes, to_record
 from common.config import PollenConfig
 
@@ -17,11 +17,14 @@ STATE_KEY = "pollen"
 app = ClientApp()
 
 
-def _open(msg: Message, context: Context) -> ClientSession:
+def _config(msg: Message) -> PollenConfig:
     table = dict(msg.content["config"])
     table.pop("server-round", None)  # added by the strategy
-    config = PollenConfig.from_flat(table)
-    session = ClientSession.open(config, dict(context.node_config))
+    return PollenConfig.from_flat(table)
+
+
+def _open(msg: Message, context: Context) -> ClientSession:
+    session = ClientSession.open(_config(msg), dict(context.node_config))
     saved = context.state.config_records.get(STATE_KEY)
     session.restore(saved["checkpoint"] if saved else None)
     session.set_adapter(from_record(msg.content["arrays"]))
@@ -47,5 +50,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     session = _open(msg, context)
-    content = RecordDict({"metrics": MetricRecord(session.evaluate()), "platform": _platform(session)})
+    trained = int(msg.content["config"].get("server-round", 0)) > 0  # round 0 is the untrained start
+    metrics = session.evaluate(export_dir(_config(msg), dict(context.node_config)) if trained else None)
+    context.state[STATE_KEY] = ConfigRecord({"checkpoint": session.checkpoint()})  # keeps the best-so-far
+    content = RecordDict({"metrics": MetricRecord(metrics), "platform": _platform(session)})
     return Message(content=content, reply_to=msg)

@@ -1,7 +1,8 @@
 """A platform's local side of the federation: its data, model and private state, kept between messages.
 
 Objects live for the life of the process (a Ray actor in simulation); the private state (head, optimiser,
-RNG) travels in Flower's ``Context.state`` so any process serving this node can pick it up.
+RNG) travels in Flower's ``Context.state`` so any process serving this node can pick it up. Whenever the
+validation NDCG@10 improves, the platform's model is exported for serving (client/export.py).
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 
 import torch
 
+from client.export import export_model
 from common.config import PollenConfig
 from common.data.sources import load_split, platform_names
 from common.model.encoder import TextEncoder, cached_item_states
@@ -33,6 +36,7 @@ class ClientSession:
         model = Recommender(split, config, self.encoder, states).to(self.device)
         self.platform = Platform(split, model)
         self.trainer = Trainer([self.platform], self.encoder, config)
+        self.best_valid = -1.0  # best validation NDCG@10 so far: the exported model
         self.fresh_state = self.checkpoint()  # what a node that never trained starts from
 
     @classmethod
@@ -55,13 +59,15 @@ class ClientSession:
     # -- private state ---------------------------------------------------------------------------
     def checkpoint(self) -> bytes:
         buffer = io.BytesIO()
-        torch.save({"head": self.platform.model.private_state(), "trainer": self.trainer.state_dict()}, buffer)
+        torch.save({"head": self.platform.model.private_state(), "trainer": self.trainer.state_dict(),
+                    "best-valid": self.best_valid}, buffer)
         return buffer.getvalue()
 
     def restore(self, checkpoint: bytes | None) -> None:
         state = torch.load(io.BytesIO(checkpoint or self.fresh_state), weights_only=False)
         self.platform.model.head.load_state_dict(state["head"])
         self.trainer.load_state_dict(state["trainer"])
+        self.best_valid = state["best-valid"]
 
     # -- the work of one message -----------------------------------------------------------------
     def set_adapter(self, state: dict[str, torch.Tensor]) -> None:
@@ -73,13 +79,26 @@ class ClientSession:
         return {"num-examples": float(self.trainer.num_sequences), "train-loss": losses[-1],
                 "train-seconds": time.perf_counter() - start}
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, export_dir: str | None = None) -> dict[str, float]:
+        """Validation and test metrics; a new best on validation is exported to ``export_dir/<platform>``."""
         start = time.perf_counter()
         metrics = {f"{which}-{k}": v for which in ("valid", "test") for k, v in self.platform.evaluate(which).items()}
         metrics["theta"] = float(torch.as_tensor(self.platform.model.head.theta()).detach())
         metrics["num-examples"] = metrics["test-users"]
+        if export_dir and metrics["valid-ndcg@10"] > self.best_valid:
+            self.best_valid = metrics["valid-ndcg@10"]
+            export_model(Path(export_dir) / self.name, self.platform, self.config, metrics)
         metrics["eval-seconds"] = time.perf_counter() - start
         return metrics
+
+
+def export_dir(config: PollenConfig, node_config: dict) -> str | None:
+    """A deployed node exports where its node config says; a simulated one into the run folder."""
+    if "export-dir" in node_config:
+        return str(node_config["export-dir"])
+    if "platform" not in node_config and config.federation.run_dir:
+        return str(Path(config.federation.run_dir) / "models")
+    return None
 
 
 def node_platform(config: PollenConfig, node_config: dict) -> tuple[str, str | None]:

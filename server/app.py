@@ -29,6 +29,7 @@ def main(grid: Grid, context: Context) -> None:
 def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
     configure_threads(1)  # the server only averages; leave the cores to the clients
     run_dir = resolve_run_dir(config.federation.run_dir)
+    config = config.replace(**{"run-dir": str(run_dir)})  # simulated clients export their models there
     encoder = TextEncoder(config.model, seed=config.train.seed)
     initial = encoder.adapter_state()
     if not initial:

@@ -133,3 +133,15 @@ def test_run_record_has_every_round_and_platform(federation):
     assert sorted(record.training[1]) == ["ecommerce", "social", "video"]
     assert (run_dir / "rounds.csv").read_text().count("\n") == 1 + 3 * 3
     assert (run_dir / "ndcg_per_round.png").stat().st_size > 1000
+
+
+def test_each_platform_exports_its_best_validation_model(federation):
+    from client.export import load_model
+
+    _, record, _, run_dir = federation
+    for name, chosen in record.selected().items():
+        model = load_model(run_dir / "models" / name)
+        metrics = json.loads((run_dir / "models" / name / "metrics.json").read_text())
+        assert metrics["valid-ndcg@10"] == pytest.approx(chosen["valid-ndcg@10"])
+        first_item = model.items(0, 1)[0]["item"]
+        assert len(model.recommend([first_item], k=5)) == 5

@@ -82,3 +82,30 @@ def test_training_lowers_loss_and_updates_adapter_and_head(tiny_bert):
     assert any(not torch.equal(v, platform.model.private_state()[k]) for k, v in head.items())
     scores = platform.model.score([np.array([1, 2, 3])])
     assert scores.shape == (1, split.num_items + 1)
+
+
+def test_sampled_negative_loss_trains(tiny_bert):
+    config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "loss": "sampled",
+                                       "negatives": 16, "batch-size": 32})
+    split = leave_one_out(generate(SyntheticConfig())[1])
+    encoder = TextEncoder(config.model)
+    trainer = Trainer([Platform(split, Recommender(split, config, encoder))], encoder, config)
+    losses = [trainer.epoch()[split.name] for _ in range(3)]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_client_private_state_survives_a_new_process_session(tiny_bert, tmp_path):
+    """What a node keeps in Context.state (head, optimiser, RNG) restores exactly into a fresh session."""
+    from client.session import ClientSession
+
+    config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "batch-size": 32})
+    first = ClientSession(config, "video", None, str(tmp_path), "cpu")
+    first.train()
+    saved = first.checkpoint()
+    second = ClientSession(config, "video", None, str(tmp_path), "cpu")
+    second.restore(saved)
+    for key, value in first.platform.model.private_state().items():
+        assert torch.equal(value, second.platform.model.private_state()[key]), key
+    assert second.trainer.optimizer.state_dict()["state"].keys() == first.trainer.optimizer.state_dict()["state"].keys()
+    second.set_adapter(first.encoder.adapter_state())
+    assert first.trainer.rng.integers(1 << 30) == second.trainer.rng.integers(1 << 30)

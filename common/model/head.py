@@ -47,13 +47,14 @@ class RecommendationHead(nn.Module):
 
     def item_vectors(self, text: torch.Tensor | None) -> torch.Tensor:
         """[num_items + 1, d] from the catalogue's text vectors [num_items + 1, text_dim] (row 0 = padding)."""
-        theta = self.theta()
-        out = 0.0
-        if self.text_proj is not None:
-            out = theta * self.text_proj(text)
+        out = self.text_vectors(text) if self.text_proj is not None else 0.0
         if self.item_emb is not None:
-            out = out + (1.0 - theta) * self.item_emb.weight
+            out = out + (1.0 - self.theta()) * self.item_emb.weight
         return out
+
+    def text_vectors(self, text: torch.Tensor) -> torch.Tensor:
+        """The text part of item vectors: all an item never seen in training (no ID embedding) has."""
+        return self.theta() * self.text_proj(text)
 
     def user_states(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Causal user state after every position of right-aligned sequences [B, L] (0 = padding)."""

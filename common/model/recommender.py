@@ -77,14 +77,18 @@ class Recommender(nn.Module):
     @torch.inference_mode()
     def score(self, histories: list[np.ndarray], items: torch.Tensor | None = None) -> torch.Tensor:
         """Scores [B, num_items + 1] of every item after each history (column 0 is the padding item)."""
-        items = self.item_vectors() if items is None else items
-        inputs = pad_left(histories, self.max_len).to(items.device)
-        states = self.head.user_states(inputs, items)[:, -1]
-        return states @ items.T
+        return score_histories(self.head, self.item_vectors() if items is None else items, histories, self.max_len)
 
     def private_state(self) -> dict[str, torch.Tensor]:
         """What stays on the platform: the head (text projection, item IDs, user encoder, theta)."""
         return {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+
+
+def score_histories(head: RecommendationHead, items: torch.Tensor, histories: list[np.ndarray],
+                    max_len: int) -> torch.Tensor:
+    """User state after each history (its last max_len items) . every item vector: scores [B, items]."""
+    inputs = pad_left(histories, max_len).to(items.device)
+    return head.user_states(inputs, items)[:, -1] @ items.T
 
 
 def pad_left(sequences: list[np.ndarray], max_len: int) -> torch.Tensor:
