@@ -12,6 +12,7 @@ best epoch (or round) on validation. Writes benchmark.json and benchmark.md into
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str
             record(method, {s.name: evaluate(popularity_scorer(s), s, "test") for s in splits},
                    time.perf_counter() - start)
         elif method == "zero-shot":
-            encoder = TextEncoder(config.model.__class__(**{**vars(config.model), "lora_layers": 0}))
+            encoder = TextEncoder(dataclasses.replace(config.model, lora_layers=0))
             test = {s.name: evaluate(zero_shot_scorer(s, encoder, cached_item_states(encoder, s.item_texts,
                                                                                      cache_dir)), s, "test")
                     for s in splits}
@@ -106,7 +107,7 @@ def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str
             raise ValueError(f"unknown method {method!r}; expected some of {METHODS}")
         write_json(Path(config.federation.run_dir) / "benchmark.json", results)  # partial results survive a crash
     full = TextEncoder(config.model)
-    results["full_model_bytes"] = sum(p.numel() * p.element_size() for p in full._bert.parameters())
+    results["full_model_bytes"] = full.base_model_bytes()
     results["adapter_bytes"] = sum(v.numel() * v.element_size() for v in full.adapter_state().values())
     return results
 

@@ -104,6 +104,10 @@ class TextEncoder(nn.Module):
         set_peft_model_state_dict(self.bert, state)
         self.version += 1
 
+    def base_model_bytes(self) -> int:
+        """Size of the pretrained weights, what a client would send if it shared the whole model."""
+        return sum(p.numel() * p.element_size() for p in self._bert.parameters())
+
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.bert.parameters() if p.requires_grad]
 
