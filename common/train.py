@@ -124,37 +124,26 @@ class FitResult:
     best_epoch: dict[str, int] = field(default_factory=dict)
     test: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
-    epochs_run: int = 0
 
 
 def fit(platforms: list[Platform], encoder: TextEncoder | None, config: PollenConfig, epochs: int,
-        patience: int = 0, log: Log = print, label: str = "") -> FitResult:
-    """Train for up to ``epochs``; each platform keeps its best-on-validation state, then is tested once.
-
-    patience > 0 stops once no platform improved its validation NDCG@10 for that many epochs.
-    """
+        log: Log = print, label: str = "") -> FitResult:
+    """Train for ``epochs``; each platform keeps its best-on-validation state, then is tested once."""
     trainer = Trainer(platforms, encoder, config)
     result = FitResult(valid={p.split.name: [] for p in platforms})
     best: dict[str, tuple[float, dict]] = {}
-    start, stale = time.perf_counter(), 0
+    start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         losses = trainer.epoch()
-        improved = False
         for p in platforms:
             metrics = p.evaluate("valid")
             result.valid[p.split.name].append(metrics)
             if metrics["ndcg@10"] > best.get(p.split.name, (-1.0, {}))[0]:
                 best[p.split.name] = (metrics["ndcg@10"], _snapshot(p, encoder))
                 result.best_epoch[p.split.name] = epoch
-                improved = True
-        stale = 0 if improved else stale + 1
         log(f"{label}epoch {epoch}/{epochs}  " + "  ".join(
             f"{name}: loss {losses[name]:.3f} val-ndcg@10 {result.valid[name][-1]['ndcg@10']:.4f}"
             for name in losses) + f"  ({time.perf_counter() - start:.0f}s)")
-        result.epochs_run = epoch
-        if patience and stale >= patience:
-            log(f"{label}early stop: no validation gain for {patience} epochs")
-            break
     result.seconds = time.perf_counter() - start
     for p in platforms:
         _restore(p, encoder, best[p.split.name][1])
