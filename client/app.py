@@ -23,12 +23,13 @@ def _config(msg: Message) -> PollenConfig:
     return PollenConfig.from_flat(table)
 
 
-def _open(msg: Message, context: Context) -> ClientSession:
-    session = ClientSession.open(_config(msg), dict(context.node_config))
+def _open(msg: Message, context: Context) -> tuple[ClientSession, PollenConfig]:
+    config = _config(msg)
+    session = ClientSession.open(config, dict(context.node_config))
     saved = context.state.config_records.get(STATE_KEY)
     session.restore(saved["checkpoint"] if saved else None)
     session.set_adapter(from_record(msg.content["arrays"]))
-    return session
+    return session, config
 
 
 def _platform(session: ClientSession) -> ConfigRecord:
@@ -37,7 +38,7 @@ def _platform(session: ClientSession) -> ConfigRecord:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    session = _open(msg, context)
+    session, _ = _open(msg, context)
     metrics = session.train()
     context.state[STATE_KEY] = ConfigRecord({"checkpoint": session.checkpoint()})
     arrays = to_record(session.encoder.adapter_state())
@@ -49,9 +50,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    session = _open(msg, context)
+    session, config = _open(msg, context)
     trained = int(msg.content["config"].get("server-round", 0)) > 0  # round 0 is the untrained start
-    metrics = session.evaluate(export_dir(_config(msg), dict(context.node_config)) if trained else None)
+    metrics = session.evaluate(export_dir(config, dict(context.node_config)) if trained else None)
     context.state[STATE_KEY] = ConfigRecord({"checkpoint": session.checkpoint()})  # keeps the best-so-far
     content = RecordDict({"metrics": MetricRecord(metrics), "platform": _platform(session)})
     return Message(content=content, reply_to=msg)

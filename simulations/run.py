@@ -28,8 +28,8 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True):
     from server.app import run_federation
 
     cpus = cpus or os.cpu_count() or 1
-    clients = len(platform_names(config.data))
-    gpus = 1.0 / clients if torch.cuda.is_available() else 0.0  # Ray hides the GPU from actors given none
+    names = platform_names(config.data)
+    gpus = 1.0 / len(names) if torch.cuda.is_available() else 0.0  # Ray hides the GPU from actors given none
     records = []
     server_app = ServerApp()
 
@@ -44,10 +44,9 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True):
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error",
                              "log_to_driver": True}}
     run_simulation(server_app=server_app, client_app=client_app,
-                   num_supernodes=clients, backend_config=backend)
-    expected = set(platform_names(config.data))
-    if not records or set(records[0].evaluations.get(config.federation.num_rounds, {})) != expected:
-        raise RuntimeError(f"the federation did not finish with every platform ({sorted(expected)}): "
+                   num_supernodes=len(names), backend_config=backend)
+    if not records or set(records[0].evaluations.get(config.federation.num_rounds, {})) != set(names):
+        raise RuntimeError(f"the federation did not finish with every platform ({sorted(names)}): "
                            "see the log above")
     return records[0]
 
