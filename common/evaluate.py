@@ -2,7 +2,9 @@
 
 A user's earlier items are masked (a repeated target therefore counts as a miss), and ties count against the
 target, so a model cannot score well by giving many items the same score. Where a dataset ships sampled
-negatives, the target is also ranked against those alone (``sampled-`` metrics).
+negatives, the target is also ranked against those alone (``sampled-`` metrics). Both choices can be switched
+(``mask_history=False``, ``ties="favour"``) only to compare with published figures that use the other convention
+(Recformer ranks all items, history included, and counts ties in the target's favour).
 """
 
 from __future__ import annotations
@@ -35,9 +37,17 @@ def rank_metrics(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
     return out
 
 
+TIES = ("against", "favour")
+
+
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, histories: list[np.ndarray],
-                 mask_history: bool = True) -> torch.Tensor:
-    """0-based rank of each target among all items; masked items rank last, ties count against the target."""
+                 mask_history: bool = True, ties: str = "against") -> torch.Tensor:
+    """0-based rank of each target among all items; masked items rank last.
+
+    ties="against": every other item with the target's score ranks above it; "favour": none does.
+    """
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     scores = scores.float().clone()
     scores[:, 0] = float("-inf")
     if mask_history:
@@ -46,14 +56,13 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, histories: list[np
         scores[torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)] = float("-inf")
     target = scores.gather(1, targets[:, None])
     above = (scores > target).sum(1)
-    ties = (scores == target).sum(1) - 1
-    ranks = above + ties
+    ranks = above + ((scores == target).sum(1) - 1 if ties == "against" else 0)
     # a masked target ranks after every real item
     return torch.where(torch.isinf(target[:, 0]), torch.full_like(ranks, scores.shape[1] - 1), ranks)
 
 
 def evaluate(scorer: Scorer, split: SplitData, which: str, ks: Sequence[int] = KS, batch_size: int = 512,
-             mask_history: bool = True) -> dict[str, float]:
+             mask_history: bool = True, ties: str = "against") -> dict[str, float]:
     """Metrics of ``scorer`` on the 'valid' or 'test' targets of every user of ``split``."""
     histories, targets = split.eval_inputs(which)
     ranks, sampled = [], []
@@ -61,7 +70,7 @@ def evaluate(scorer: Scorer, split: SplitData, which: str, ks: Sequence[int] = K
         hist = histories[start:start + batch_size]
         tgt = torch.as_tensor(targets[start:start + batch_size])
         scores = scorer(hist).cpu()
-        ranks.append(target_ranks(scores, tgt, hist, mask_history).numpy())
+        ranks.append(target_ranks(scores, tgt, hist, mask_history, ties).numpy())
         if split.sampled_negatives:
             sampled.extend(_sampled_ranks(scores, tgt, which, start, split))
     out = rank_metrics(np.concatenate(ranks), ks)

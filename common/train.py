@@ -118,12 +118,16 @@ class Trainer:
 
 @dataclass
 class FitResult:
-    """Per platform: validation metrics of every epoch, the selected epoch, and test metrics at it."""
+    """Per platform: validation metrics of every epoch, the selected epoch, and test metrics at it.
+
+    elapsed[e] is the wall time in seconds from the start to the end of epoch e + 1's validation (time-to-quality).
+    """
 
     valid: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     best_epoch: dict[str, int] = field(default_factory=dict)
     test: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    elapsed: list[float] = field(default_factory=list)
 
 
 def fit(platforms: list[Platform], encoder: TextEncoder | None, config: PollenConfig, epochs: int,
@@ -141,6 +145,7 @@ def fit(platforms: list[Platform], encoder: TextEncoder | None, config: PollenCo
             if metrics["ndcg@10"] > best.get(p.split.name, (-1.0, {}))[0]:
                 best[p.split.name] = (metrics["ndcg@10"], _snapshot(p, encoder))
                 result.best_epoch[p.split.name] = epoch
+        result.elapsed.append(time.perf_counter() - start)
         log(f"{label}epoch {epoch}/{epochs}  " + "  ".join(
             f"{name}: loss {losses[name]:.3f} val-ndcg@10 {result.valid[name][-1]['ndcg@10']:.4f}"
             for name in losses) + f"  ({time.perf_counter() - start:.0f}s)")

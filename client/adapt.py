@@ -1,0 +1,147 @@
+"""A platform outside the federation adopts its global adapter: fine-tune adapter + a fresh head locally, export.
+
+    python -m client.adapt --adapter RUN/adapter --data-path PATH [--platform NAME] --export-dir DIR \
+        [--fraction F] [--epochs E] [config flags, e.g. --threads 1]
+
+Loads the PEFT adapter the federation saved (RUN/adapter) into the pretrained encoder, trains adapter + head on
+the platform's own data with the one training loop (common/train.py ``fit``: full budget, best epoch on
+validation), and exports the selected model for serving (client/export.py). ``--fraction`` trains on the first
+F of the platform's users in a seeded order (nested: 0.1 holds 0.05), to measure how little data a join needs;
+validation picks the epoch on those users, test covers every user.
+
+Joining the federation itself (from the next round) is a deployment matter, not this command: start one more
+SuperNode for the platform with node config ``platform="NAME" data-path="PATH"`` (optionally ``export-dir``,
+``threads``, ``device``, ``cache-dir``; see client/session.py ``node_platform``), e.g.
+
+    flower-supernode --superlink HOST:9092 --node-config 'platform="scientific" data-path="/data/scientific"' ...
+
+The ServerApp samples every connected node, so the fourth client takes part from the next round that starts
+after it connects; it receives the global adapter with that round's message, so it needs no adapter file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from client.export import export_model
+from common.config import PollenConfig, add_flags, from_args
+from common.data.sources import load_split
+from common.data.split import SplitData
+from common.evaluate import evaluate
+from common.model.encoder import TextEncoder, cached_item_states
+from common.model.recommender import Recommender
+from common.runtime import configure_threads, default_cache_dir
+from common.train import FitResult, Log, Platform, fit
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a PEFT adapter folder (what the server writes to RUN/adapter after every round)."""
+    path = Path(folder)
+    file = path / ADAPTER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"adapter {folder}: expected a PEFT folder holding {ADAPTER_FILE} "
+                                "(the federation writes one to RUN/adapter)")
+    return load_file(file)
+
+
+def user_order(num_users: int, seed: int) -> np.ndarray:
+    """A seeded permutation of user positions; every fraction takes a prefix of it, so subsets are nested."""
+    return np.random.default_rng(seed).permutation(num_users)
+
+
+def user_subset(split: SplitData, fraction: float, seed: int) -> SplitData:
+    """The same catalogue with only the first ``fraction`` of users (seeded order, at least one user)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return split
+    keep = np.sort(user_order(split.num_users, seed)[:max(1, math.ceil(fraction * split.num_users))])
+    return SplitData(split.name, split.item_ids, split.item_texts, [split.user_ids[u] for u in keep],
+                     [split.sequences[u] for u in keep])
+
+
+@dataclass
+class Adapted:
+    """A platform model after local training: the platform (on its training users) and the fit's record."""
+
+    platform: Platform
+    encoder: TextEncoder | None
+    result: FitResult
+
+
+def adapt(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tensor] | None, epochs: int,
+          fraction: float = 1.0, cache_dir: str | None = None, log: Log = print, label: str = "") -> Adapted:
+    """Train a fresh head (and the LoRA adapter, started from ``adapter`` or fresh) on a fraction of the users.
+
+    ``config.model.text = false`` gives ID-only SASRec, where ``adapter`` must be None. The returned platform
+    holds the best-on-validation state.
+    """
+    torch.manual_seed(config.train.seed)
+    encoder = None
+    if config.model.text:
+        encoder = TextEncoder(config.model, seed=config.train.seed)
+        if adapter is not None:
+            encoder.load_adapter_state(adapter)
+    elif adapter is not None:
+        raise ValueError("an ID-only model (text=false) has no encoder to load an adapter into")
+    train_split = user_subset(split, fraction, config.train.seed)
+    states = cached_item_states(encoder, split.item_texts, cache_dir) if encoder is not None else None
+    platform = Platform(train_split, Recommender(split, config, encoder, states))
+    return Adapted(platform, encoder, fit([platform], encoder, config, epochs, log=log, label=label))
+
+
+def test_metrics(adapted: Adapted, split: SplitData, **convention) -> dict[str, float]:
+    """Test metrics of the adapted model over every user of ``split`` (the full platform, whatever fraction)."""
+    adapted.platform.model.refresh_text_table()
+    return evaluate(adapted.platform.model.score, split, "test", **convention)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", default="", help="PEFT adapter folder (RUN/adapter); empty = a fresh LoRA")
+    parser.add_argument("--data-path", required=True, help="the platform's data folder (any loader format)")
+    parser.add_argument("--platform", default="", help="platform name (default: the folder's name)")
+    parser.add_argument("--export-dir", required=True, help="where the model folder is written")
+    parser.add_argument("--fraction", type=float, default=1.0, help="share of users to train on, in (0, 1]")
+    parser.add_argument("--epochs", type=int, default=10, help="local epochs; the best on validation is kept")
+    parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
+    add_flags(parser)
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error("--epochs must be >= 1")
+    config = from_args(args)
+    configure_threads(config.train.threads)
+    log = functools.partial(print, flush=True)
+    name = args.platform or Path(args.data_path).resolve().name
+    split = load_split(config.data, name, args.data_path)
+    log(f"{name}: {split.num_users:,} users, {split.num_items:,} items; training on {args.fraction:.0%} of users, "
+        f"{'federated adapter ' + args.adapter if args.adapter else 'fresh adapter'}")
+    adapter = read_adapter(args.adapter) if args.adapter else None
+    start = time.perf_counter()
+    adapted = adapt(split, config, adapter, args.epochs, args.fraction, args.cache_dir, log, f"[{name}] ")
+    test = test_metrics(adapted, split)
+    metrics = {"adapter": str(args.adapter), "fraction": args.fraction, "epochs": args.epochs,
+               "best-epoch": adapted.result.best_epoch[name], "train-users": adapted.platform.split.num_users,
+               "valid": adapted.result.valid[name][adapted.result.best_epoch[name] - 1], "test": test,
+               "seconds": time.perf_counter() - start}
+    folder = export_model(Path(args.export_dir), adapted.platform, config, metrics)
+    log(f"best epoch {metrics['best-epoch']}: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f} "
+        f"(all {int(test['users']):,} users); exported to {folder}")
+    log(json.dumps({"export": str(folder), "test-ndcg@10": test["ndcg@10"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
