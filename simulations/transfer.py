@@ -86,7 +86,7 @@ def run_transfer(config: PollenConfig, target: str, adapter_path: str, fractions
     if "federated" in starts:
         adapter_path, results["adapter"] = federated_adapter(config, adapter_path, run_dir, log)
         adapter = read_adapter(adapter_path)
-    for fraction in fractions:
+    for fraction in sorted(fractions, reverse=True):  # 100% first: an interrupted run keeps the headline
         for start in starts:
             run_config = config.replace(**{"text": False}) if start == "sasrec-id" else config
             label = f"[{start} {fraction:.0%}] "
@@ -171,7 +171,7 @@ def markdown(results: dict) -> str:
             if start in ttq:
                 hit = ttq[start]
                 lines.append(f"- {start}: " + ("not reached" if hit is None else
-                                               f"{hit['minutes']:.1f} min (epoch {hit['epoch']})"))
+                                               f"{hit['minutes']:.2f} min (epoch {hit['epoch']})"))
     dtq = results.get("data-to-quality") or {}
     if dtq:
         lines += ["", f"Smallest fraction whose test NDCG@10 reaches local-only at 100% "

@@ -102,7 +102,7 @@ def test_transfer_runner_writes_table_curve_and_time_to_quality(tiny_bert, platf
                           "--threads", "1", "--run-dir", str(run_dir), "--cache-dir", ""]) == 0
     results = json.loads((run_dir / "transfer.json").read_text())
     assert [(r["start"], r["fraction"]) for r in results["runs"]] == [
-        (s, f) for f in (0.5, 1.0) for s in ("federated", "pretrained", "sasrec-id")]
+        (s, f) for f in (1.0, 0.5) for s in ("federated", "pretrained", "sasrec-id")]
     for r in results["runs"]:
         assert r["test"]["users"] == 300  # the same test users whatever the fraction
         assert r["train-users"] == (150 if r["fraction"] == 0.5 else 300)
