@@ -67,9 +67,7 @@ def user_subset(split: SplitData, fraction: float, seed: int) -> SplitData:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if fraction == 1.0:
         return split
-    keep = np.sort(user_order(split.num_users, seed)[:max(1, math.ceil(fraction * split.num_users))])
-    return SplitData(split.name, split.item_ids, split.item_texts, [split.user_ids[u] for u in keep],
-                     [split.sequences[u] for u in keep])
+    return split.subset(np.sort(user_order(split.num_users, seed)[:max(1, math.ceil(fraction * split.num_users))]))
 
 
 @dataclass

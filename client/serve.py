@@ -1,7 +1,7 @@
 """Serve an exported Pollen model: one-off recommendations from the command line, or an HTTP API.
 
     python -m client.serve recommend --model DIR --history id1,id2 --k 10 [--include-seen] [--table]
-    python -m client.serve http --model DIR --host 127.0.0.1 --port 8000
+    python -m client.serve http --model DIR --host 127.0.0.1 --port 8000 [--threads N]
 
 Bad input is the caller's mistake, never the server's: every rejection is a 4xx with a ``detail`` message.
 """
@@ -170,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "http":
             import uvicorn
 
-            uvicorn.run(make_app(model), host=args.host, port=args.port)
+            from common.runtime import configure_threads
+
+            configure_threads(args.threads)
+            uvicorn.run(make_app(model), host=args.host, port=args.port, log_level=args.log_level)
             return 0
         history = [item.strip() for item in args.history.split(",") if item.strip()]
         rows = model.recommend(history, args.k, exclude_seen=not args.include_seen)
@@ -194,6 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     http.add_argument("--model", required=True)
     http.add_argument("--host", default="127.0.0.1")
     http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    http.add_argument("--log-level", default="info", help="uvicorn's log level (warning: no line per request)")
     return parser
 
 

@@ -48,6 +48,7 @@ class ModelConfig:
     dropout: float = 0.2
     item_ids: bool = True           # fuse platform-private item-ID embeddings with the text vectors
     fusion: str = "learned"         # theta, the weight of text vs IDs: "learned" or a number in [0, 1]
+    rating_weight: float = 0.0      # > 0: the head also predicts explicit ratings, MSE at this weight (0 = off)
 
     def fusion_theta(self) -> float | None:
         if self.fusion == "learned":
@@ -119,6 +120,7 @@ class PollenConfig:
             (self.model.lora_layers >= 0, "lora-layers must be >= 0"),
             (self.model.lora_rank >= 1, "lora-rank must be >= 1"),
             (self.model.text or self.model.item_ids, "a model needs text or item-ids"),
+            (self.model.rating_weight >= 0, "rating-weight must be >= 0"),
             (self.train.local_epochs >= 1, "local-epochs must be >= 1"),
             (self.train.batch_size >= 1, "batch-size must be >= 1"),
             (self.train.loss in ("softmax", "sampled"), "loss must be 'softmax' or 'sampled'"),

@@ -17,6 +17,7 @@ import torch
 from common.data.split import SplitData
 
 Scorer = Callable[[list[np.ndarray]], torch.Tensor]  # histories -> scores [B, num_items + 1]
+Rater = Callable[[list[np.ndarray], np.ndarray], torch.Tensor]  # histories, target items -> ratings [B]
 KS = (10, 20)
 
 
@@ -62,8 +63,12 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, histories: list[np
 
 
 def evaluate(scorer: Scorer, split: SplitData, which: str, ks: Sequence[int] = KS, batch_size: int = 512,
-             mask_history: bool = True, ties: str = "against") -> dict[str, float]:
-    """Metrics of ``scorer`` on the 'valid' or 'test' targets of every user of ``split``."""
+             mask_history: bool = True, ties: str = "against", rater: Rater | None = None) -> dict[str, float]:
+    """Metrics of ``scorer`` on the 'valid' or 'test' targets of every user of ``split``.
+
+    With a ``rater`` and explicit ratings in the data, also the RMSE / MAE of its predicted rating of each rated
+    target (``rated-users`` of them).
+    """
     histories, targets = split.eval_inputs(which)
     ranks, sampled = [], []
     for start in range(0, len(histories), batch_size):
@@ -77,7 +82,24 @@ def evaluate(scorer: Scorer, split: SplitData, which: str, ks: Sequence[int] = K
     if sampled:
         out.update({f"sampled-{k}": v for k, v in rank_metrics(np.array(sampled), ks).items() if "@" in k})
     out["users"] = float(len(histories))
+    if rater is not None:
+        out.update(rating_metrics(rater, split, which, batch_size))
     return out
+
+
+def rating_metrics(rater: Rater, split: SplitData, which: str, batch_size: int = 512) -> dict[str, float]:
+    """RMSE and MAE of predicted explicit ratings over the rated targets (empty when nothing is rated)."""
+    truth = split.eval_ratings(which)
+    rated = np.flatnonzero(~np.isnan(truth)) if truth is not None else np.array([], dtype=np.int64)
+    if not len(rated):
+        return {}
+    histories, targets = split.eval_inputs(which)
+    predicted = np.concatenate([
+        rater([histories[i] for i in chunk], targets[chunk]).detach().cpu().double().numpy()
+        for chunk in (rated[s:s + batch_size] for s in range(0, len(rated), batch_size))])
+    error = predicted - truth[rated]
+    return {"rmse": float(np.sqrt(np.mean(error ** 2))), "mae": float(np.mean(np.abs(error))),
+            "rated-users": float(len(rated))}
 
 
 def _sampled_ranks(scores: torch.Tensor, targets: torch.Tensor, which: str, start: int,

@@ -33,7 +33,8 @@ class Platform:
     def evaluate(self, which: str) -> dict[str, float]:
         """Metrics on 'valid' or 'test' with the catalogue encoded by the current adapter."""
         self.model.refresh_text_table()
-        return evaluate(self.model.score, self.split, which)
+        rater = self.model.predict_ratings if self.model.head.rating is not None else None
+        return evaluate(self.model.score, self.split, which, rater=rater)
 
 
 def training_pairs(split: SplitData, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,13 +43,20 @@ def training_pairs(split: SplitData, max_len: int) -> tuple[torch.Tensor, torch.
     Every training item is predicted once per epoch, however long the history; SASRec's usual "last 50 only"
     would throw away most of a long history.
     """
-    windows = []
-    for seq in split.train_sequences():
-        for end in range(len(seq), 1, -max_len):
-            windows.append(seq[max(0, end - max_len - 1):end])
+    windows = [w for seq in split.train_sequences() for w in _windows(seq, max_len)]
     inputs = pad_left([w[:-1] for w in windows], max_len)
     targets = pad_left([w[1:] for w in windows], max_len)
     return inputs, targets
+
+
+def rating_targets(split: SplitData, max_len: int) -> torch.Tensor:
+    """The explicit ratings of training_pairs' targets [S, L] (NaN = unrated or padding)."""
+    windows = [w for r in split.train_ratings() for w in _windows(r, max_len)]
+    return pad_left([w[1:] for w in windows], max_len, fill=np.nan, dtype=np.float32)
+
+
+def _windows(seq: np.ndarray, max_len: int) -> list[np.ndarray]:
+    return [seq[max(0, end - max_len - 1):end] for end in range(len(seq), 1, -max_len)]
 
 
 class Trainer:
@@ -58,6 +66,8 @@ class Trainer:
         self.config = config.train
         self.max_len = config.data.max_len
         self.pairs = [training_pairs(p.split, self.max_len) for p in platforms]
+        self.ratings = [rating_targets(p.split, self.max_len) if p.model.head.rating is not None else None
+                        for p in platforms]
         groups = [{"params": [q for p in platforms for q in p.model.head.parameters()], "lr": self.config.lr}]
         if self.encoder is not None and self.encoder.lora_parameters():
             groups.append({"params": self.encoder.lora_parameters(), "lr": self.config.lora_lr})
@@ -83,8 +93,9 @@ class Trainer:
         for i, idx in plan:
             model = self.platforms[i].model
             inputs, targets = (t[torch.as_tensor(idx)].to(self.device) for t in self.pairs[i])
+            ratings = self.ratings[i][torch.as_tensor(idx)].to(self.device) if self.ratings[i] is not None else None
             loss = model.loss(inputs, targets, self._live_items(inputs, targets), self.config.loss,
-                              self.config.negatives, self.generator)
+                              self.config.negatives, self.generator, ratings=ratings)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

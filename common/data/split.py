@@ -30,6 +30,19 @@ class SplitData:
     user_ids: list[str]
     sequences: list[np.ndarray]  # int64 arrays of item indices in 1..N
     sampled_negatives: dict[tuple[str, int], np.ndarray] | None = None  # (split, user index) -> item indices
+    ratings: list[np.ndarray] | None = None  # float64, aligned with sequences (NaN = unrated); None = no ratings
+
+    def eval_ratings(self, split: str) -> np.ndarray | None:
+        """The explicit ratings of the 'valid' or 'test' targets (NaN where a target has none)."""
+        if self.ratings is None:
+            return None
+        return np.array([r[-2 if split == "valid" else -1] for r in self.ratings], dtype=np.float64)
+
+    def subset(self, users: np.ndarray) -> "SplitData":
+        """The same catalogue with only these user positions (sampled negatives are not carried)."""
+        return SplitData(self.name, self.item_ids, self.item_texts, [self.user_ids[u] for u in users],
+                         [self.sequences[u] for u in users],
+                         ratings=None if self.ratings is None else [self.ratings[u] for u in users])
 
     @property
     def num_items(self) -> int:
@@ -41,6 +54,12 @@ class SplitData:
 
     def train_sequences(self) -> list[np.ndarray]:
         return [s[:-2] for s in self.sequences]
+
+    def train_ratings(self) -> list[np.ndarray]:
+        """Ratings aligned with train_sequences (NaN = unrated; all NaN when the data has no ratings)."""
+        if self.ratings is None:
+            return [np.full(len(s) - 2, np.nan) for s in self.sequences]
+        return [r[:-2] for r in self.ratings]
 
     def eval_inputs(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
         """Histories and targets for 'valid' (history excludes the test item) or 'test'."""
@@ -62,21 +81,23 @@ def leave_one_out(data: PlatformData) -> SplitData:
     """Order each user's interactions by time (file order breaks ties) and keep users with >= 3 of them."""
     items = data.items.reset_index(drop=True)
     index = pd.Series(np.arange(1, len(items) + 1), index=items["item"].to_numpy())
-    frame = data.interactions[["user", "item", "timestamp"]].copy()
+    frame = data.interactions[["user", "item", "timestamp", "rating"]].copy()
     frame["row"] = np.arange(len(frame))
     frame["item_index"] = index.reindex(frame["item"].to_numpy()).to_numpy()
     if frame["item_index"].isna().any():
         missing = frame.loc[frame["item_index"].isna(), "item"].iloc[0]
         raise ValueError(f"{data.name}: item {missing!r} has interactions but no text")
     frame = frame.sort_values(["user", "timestamp", "row"], kind="stable")
-    users, sequences = [], []
+    users, sequences, ratings = [], [], []
     for user, group in frame.groupby("user", sort=False):
         seq = group["item_index"].to_numpy(dtype=np.int64)
         if len(seq) >= MIN_HISTORY:
             users.append(str(user))
             sequences.append(seq)
+            ratings.append(group["rating"].to_numpy(dtype=np.float64))
+    rated = any(not np.isnan(r).all() for r in ratings)
     split = SplitData(data.name, items["item"].astype(str).tolist(), items["text"].astype(str).tolist(),
-                      users, sequences)
+                      users, sequences, ratings=ratings if rated else None)
     if data.sampled_negatives is not None:
         split.sampled_negatives = _match_sampled_negatives(split, data.sampled_negatives, index)
     return split

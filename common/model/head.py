@@ -1,7 +1,8 @@
 """The private recommendation head: item vectors (text fused with local IDs) and a SASRec-style user encoder.
 
 Nothing here leaves a platform. theta, the weight of text against IDs (the "transfer parameter"), is either
-learned (a sigmoid of one parameter) or fixed by the config.
+learned (a sigmoid of one parameter) or fixed by the config. With ``rating-weight`` > 0 it also predicts the
+explicit rating a user gives the next item (the seed's MSE example).
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ class RecommendationHead(nn.Module):
         self.output_norm = nn.LayerNorm(d)
         self.dropout = nn.Dropout(model.dropout)
         self.heads = model.head_heads
+        # explicit rating of the next item from (user state, item vector); offset = the training mean rating
+        self.rating = nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, 1)) if model.rating_weight > 0 else None
+        if self.rating is not None:
+            self.register_buffer("rating_offset", torch.zeros(()))
+
+    def predict_ratings(self, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Ratings [...] from matching user states and item vectors [..., d]; needs rating-weight > 0."""
+        return self.rating_offset + self.rating(torch.cat([states, items, states * items], -1)).squeeze(-1)
 
     def theta(self) -> torch.Tensor | float:
         """Weight of the text vector in the fused item vector (1 = text only, 0 = IDs only)."""

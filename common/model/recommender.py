@@ -31,6 +31,11 @@ class Recommender(nn.Module):
             self.states = self.encoder.item_states(split.item_texts)
         text_dim = self.encoder.hidden_size if self.encoder is not None else None
         self.head = RecommendationHead(split.num_items, text_dim, config.model, config.data)
+        self.rating_weight = config.model.rating_weight
+        if self.head.rating is not None and split.ratings is not None:
+            rated = np.concatenate(split.train_ratings())
+            if not np.isnan(rated).all():
+                self.head.rating_offset.fill_(float(np.nanmean(rated)))
         self._text_table: torch.Tensor | None = None
         self._table_version = -1
 
@@ -53,21 +58,37 @@ class Recommender(nn.Module):
 
     # -- training ----------------------------------------------------------------------------------
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor, live_items: torch.Tensor | None,
-             kind: str = "softmax", negatives: int = 256, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Next-item cross-entropy at every non-padding position of right-aligned [B, L] sequences."""
+             kind: str = "softmax", negatives: int = 256, generator: torch.Generator | None = None,
+             ratings: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-item cross-entropy at every non-padding position of right-aligned [B, L] sequences.
+
+        With a rating output and ``ratings`` [B, L] (the targets' ratings, NaN = unrated), plus rating-weight x
+        the mean squared error of the predicted ratings.
+        """
         items = self.head.item_vectors(self.text_table(live_items))
         states = self.head.user_states(inputs, items)
+        extra = self._rating_loss(states, items, targets, ratings) if self.head.rating is not None else 0.0
         keep = targets > 0
         states, targets = states[keep], targets[keep]
         if kind == "softmax":
             logits = states @ items[1:].T  # the padding item is never a candidate
-            return F.cross_entropy(logits, targets - 1)
+            return F.cross_entropy(logits, targets - 1) + extra
         sampled = torch.randint(1, self.num_items + 1, (negatives,), generator=generator).to(items.device)
         positive = (states * items[targets]).sum(-1, keepdim=True)
         negative = states @ items[sampled].T
         negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
         logits = torch.cat([positive, negative], dim=1)
-        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device)) + extra
+
+    def _rating_loss(self, states: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
+                     ratings: torch.Tensor | None) -> torch.Tensor | float:
+        if ratings is None:
+            return 0.0
+        rated = (targets > 0) & ~torch.isnan(ratings)
+        if not rated.any():
+            return 0.0
+        predicted = self.head.predict_ratings(states[rated], items[targets[rated]])
+        return self.rating_weight * F.mse_loss(predicted, ratings[rated].to(predicted.dtype))
 
     # -- inference ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -78,6 +99,13 @@ class Recommender(nn.Module):
     def score(self, histories: list[np.ndarray], items: torch.Tensor | None = None) -> torch.Tensor:
         """Scores [B, num_items + 1] of every item after each history (column 0 is the padding item)."""
         return score_histories(self.head, self.item_vectors() if items is None else items, histories, self.max_len)
+
+    @torch.inference_mode()
+    def predict_ratings(self, histories: list[np.ndarray], targets: np.ndarray) -> torch.Tensor:
+        """The rating each user would give its target item after its history: [B] (needs rating-weight > 0)."""
+        items = self.item_vectors()
+        states = self.head.user_states(pad_left(histories, self.max_len).to(items.device), items)[:, -1]
+        return self.head.predict_ratings(states, items[torch.as_tensor(targets, device=items.device)])
 
     def private_state(self) -> dict[str, torch.Tensor]:
         """What stays on the platform: the head (text projection, item IDs, user encoder, theta)."""
@@ -91,10 +119,10 @@ def score_histories(head: RecommendationHead, items: torch.Tensor, histories: li
     return head.user_states(inputs, items)[:, -1] @ items.T
 
 
-def pad_left(sequences: list[np.ndarray], max_len: int) -> torch.Tensor:
-    """Right-aligned [B, L] int64 tensor of the last ``max_len`` items of each sequence (0 = padding)."""
+def pad_left(sequences: list[np.ndarray], max_len: int, fill: float = 0, dtype: type = np.int64) -> torch.Tensor:
+    """Right-aligned [B, L] tensor of the last ``max_len`` items of each sequence (``fill`` = padding)."""
     width = max(1, min(max_len, max((len(s) for s in sequences), default=1)))
-    out = np.zeros((len(sequences), width), dtype=np.int64)
+    out = np.full((len(sequences), width), fill, dtype=dtype)
     for row, seq in enumerate(sequences):
         tail = seq[-width:]
         if len(tail):

@@ -1,0 +1,40 @@
+"""The serving benchmark's load generator against the real HTTP service (a subprocess) over a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client.export import export_model
+from common.config import PollenConfig
+from common.data.split import leave_one_out
+from common.data.synthetic import SyntheticConfig, generate
+from common.model.encoder import TextEncoder
+from common.model.recommender import Recommender
+from common.train import Platform, Trainer
+from simulations.serving import Service, load_test, run_serving
+
+
+@pytest.mark.integration
+def test_load_generator_measures_the_live_service(tiny_bert, tmp_path):
+    split = leave_one_out(generate(SyntheticConfig())[0])
+    config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1})
+    torch.manual_seed(0)
+    encoder = TextEncoder(config.model)
+    platform = Platform(split, Recommender(split, config, encoder))
+    Trainer([platform], encoder, config).epoch()
+    folder = export_model(tmp_path / "model", platform, config)
+
+    results = run_serving(folder, split, levels=[1, 3], requests=12, threads=1, log=lambda _: None)
+    assert results["items"] == split.num_items and results["http-equals-in-process"] is True
+    assert results["in-process"]["requests"] == 12
+    for level in ("1", "3"):
+        r = results["http"][level]
+        assert r["requests"] == 12 and r["errors"] == 0
+        assert 0 < r["p50-ms"] <= r["p99-ms"] and r["requests-per-s"] > 0
+        assert r["rss-mb"] > 0 and r["peak-rss-mb"] >= r["rss-mb"]
+        assert r["p50-ratio-vs-in-process"] == pytest.approx(r["p50-ms"] / results["in-process"]["p50-ms"])
+    # bad requests are counted as errors, not lost
+    with Service(folder) as service:
+        bad = load_test(service.port, [b'{"history": ["no-such-item"], "k": 10}', b'{"history": []}'], 2)
+    assert bad["requests"] == 2 and bad["errors"] == 2
