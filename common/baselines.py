@@ -1,6 +1,6 @@
 """Scorers for the methods that do not train: popularity, frozen pretrained text (zero-shot), mean rating.
 
-Both plug into the one evaluator (common/evaluate.py) like a trained Recommender does.
+All plug into the one evaluator (common/evaluate.py) like a trained Recommender does.
 """
 
 from __future__ import annotations

@@ -188,7 +188,8 @@ def run_serving(model_dir: Path, split, levels: list[int], requests: int, thread
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="social/lastfm-sequences", help="platform folder, under --data-dir or a path")
+    parser.add_argument("--target", default="social/lastfm-sequences",
+                        help="platform folder, under --data-dir or a path")
     parser.add_argument("--model", default="", help="an exported model folder; empty = train and export one")
     parser.add_argument("--epochs", type=int, default=1, help="training epochs when no --model is given")
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client thread counts")

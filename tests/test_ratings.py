@@ -81,6 +81,6 @@ def test_rating_output_starts_at_the_mean_and_learns_with_the_ranking_loss():
     for _ in range(3):
         trainer.epoch()
     after = platform.evaluate("valid")
-    assert np.isfinite(after["rmse"]) and not torch.equal(head.rating[-1].weight, torch.zeros_like(head.rating[-1].weight))
+    assert np.isfinite(after["rmse"]) and head.rating[-1].weight.abs().sum() > 0  # the rating output trained
     assert PollenConfig().model.rating_weight == 0 and Recommender(split, PollenConfig().replace(text=False),
                                                                    None).head.rating is None

@@ -38,8 +38,9 @@ class RecommendationHead(nn.Module):
         self.dropout = nn.Dropout(model.dropout)
         self.heads = model.head_heads
         # explicit rating of the next item from (user state, item vector); offset = the training mean rating
-        self.rating = nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, 1)) if model.rating_weight > 0 else None
-        if self.rating is not None:
+        self.rating = None
+        if model.rating_weight > 0:
+            self.rating = nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, 1))
             self.register_buffer("rating_offset", torch.zeros(()))
 
     def predict_ratings(self, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
