@@ -27,7 +27,7 @@ def test_load_generator_measures_the_live_service(tiny_bert, tmp_path):
 
     results = run_serving(folder, split, levels=[1, 3], requests=12, threads=1, log=lambda _: None)
     assert results["items"] == split.num_items and results["http-equals-in-process"] is True
-    assert results["in-process"]["requests"] == 12
+    assert results["in-process"]["requests"] == 24  # 12 before and 12 after the HTTP levels, pooled
     for level in ("1", "3"):
         r = results["http"][level]
         assert r["requests"] == 12 and r["errors"] == 0
