@@ -16,18 +16,20 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.adapters import problems
+from common.adapters import cast_record, problems
 
 
 class AdapterFedAvg(FedAvg):
     def __init__(self, expected: dict, min_clients: int,
                  on_aggregate: Callable[[int, ArrayRecord, dict[str, dict[str, float]]], None] = lambda *a: None,
-                 on_evaluate: Callable[[int, dict[str, dict[str, float]]], None] = lambda r, m: None):
+                 on_evaluate: Callable[[int, dict[str, dict[str, float]]], None] = lambda r, m: None,
+                 wire_dtype: str = "float32"):
         super().__init__(min_train_nodes=min_clients, min_evaluate_nodes=min_clients,
                          min_available_nodes=min_clients)
         self.expected = expected
         self.on_aggregate = on_aggregate
         self.on_evaluate = on_evaluate
+        self.wire_dtype = wire_dtype  # replies arrive in it and are averaged in float32; the result leaves in it
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -41,9 +43,11 @@ class AdapterFedAvg(FedAvg):
                         reply.metadata.src_node_id, _platform(reply), "; ".join(issues))
                     continue
                 per_platform[_platform(reply)] = dict(reply.content["metrics"])
+                reply.content["arrays"] = cast_record(reply.content["arrays"], "float32")
             accepted.append(reply)
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
+            arrays = cast_record(arrays, self.wire_dtype)
             self.on_aggregate(server_round, arrays, per_platform)
         return arrays, metrics
 

@@ -2,6 +2,7 @@
 
     python -m simulations.run                       # embedded synthetic data, 5 rounds
     python -m simulations.run --data-dir ../shared/data --num-rounds 10
+    python -m simulations.run --clients-per-platform 10   # 30 clients: each platform's users in 10 silos
 
 Writes results.json, rounds.csv and ndcg_per_round.png into the run folder (--run-dir, default runs/<time>).
 """
@@ -15,11 +16,12 @@ import time
 
 from common import runtime  # noqa: F401  (sets offline / telemetry environment before flwr loads)
 from common.config import PollenConfig, add_flags, from_args
-from common.data.sources import platform_names
+from common.data.sources import client_names
 
 
 def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True):
-    """Run the federation with one simulated node per platform; returns the server's RunRecord."""
+    """Run the federation with one simulated node per client (a platform, or a silo of one); returns the
+    server's RunRecord."""
     import torch
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -28,7 +30,7 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True):
     from server.app import run_federation
 
     cpus = cpus or os.cpu_count() or 1
-    names = platform_names(config.data)
+    names = client_names(config.data)
     gpus = 1.0 / len(names) if torch.cuda.is_available() else 0.0  # Ray hides the GPU from actors given none
     records = []
     server_app = ServerApp()
@@ -46,7 +48,7 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True):
     run_simulation(server_app=server_app, client_app=client_app,
                    num_supernodes=len(names), backend_config=backend)
     if not records or set(records[0].evaluations.get(config.federation.num_rounds, {})) != set(names):
-        raise RuntimeError(f"the federation did not finish with every platform ({sorted(names)}): "
+        raise RuntimeError(f"the federation did not finish with every client ({sorted(names)}): "
                            "see the log above")
     return records[0]
 
