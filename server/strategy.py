@@ -8,10 +8,11 @@ after every round; each platform's evaluation metrics go to ``on_evaluate``.
 
 from __future__ import annotations
 
+import copy
 from logging import INFO, WARNING
 from typing import Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -43,7 +44,7 @@ class AdapterFedAvg(FedAvg):
                         reply.metadata.src_node_id, _platform(reply), "; ".join(issues))
                     continue
                 per_platform[_platform(reply)] = dict(reply.content["metrics"])
-                reply.content["arrays"] = cast_record(reply.content["arrays"], "float32")
+                reply = _widened(reply)
             accepted.append(reply)
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
@@ -76,6 +77,14 @@ def mean_shared_metrics(per_platform: dict[str, dict[str, float]], weight: str =
     shared = set.intersection(*(set(m) for m in per_platform.values())) - {weight}
     total = sum(m[weight] for m in per_platform.values())
     return {key: sum(m[key] * m[weight] for m in per_platform.values()) / total for key in sorted(shared)}
+
+
+def _widened(reply: Message) -> Message:
+    """A copy of the reply whose adapter is float32, so that FedAvg accumulates in float32 (the received
+    message is left as it came)."""
+    widened = copy.copy(reply)
+    widened.content = RecordDict({**reply.content, "arrays": cast_record(reply.content["arrays"], "float32")})
+    return widened
 
 
 def _platform(reply: Message) -> str:
