@@ -19,9 +19,10 @@ from common.config import PollenConfig, add_flags, from_args
 from common.data.sources import client_names
 
 
-def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True):
+def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, ray_address: str | None = None):
     """Run the federation with one simulated node per client (a platform, or a silo of one); returns the
-    server's RunRecord."""
+    server's RunRecord. ``ray_address`` (e.g. "auto" or "head-host:6379") runs the clients on an existing
+    Ray cluster instead of a local one; its size then comes from the cluster, not ``cpus``."""
     import torch
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -42,9 +43,9 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True):
     if quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     # one CPU per client: Ray runs at most `cpus` clients at once, each with one torch thread
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
-               "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error",
-                             "log_to_driver": True}}
+    init = {"include_dashboard": False, "logging_level": "error", "log_to_driver": True}
+    init.update({"address": ray_address} if ray_address else {"num_cpus": cpus})  # a cluster has its own size
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": init}
     run_simulation(server_app=server_app, client_app=client_app,
                    num_supernodes=len(names), backend_config=backend)
     if not records or set(records[0].evaluations.get(config.federation.num_rounds, {})) != set(names):
@@ -57,11 +58,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpus", type=int, default=None, help="cores for the simulation (default: all)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    parser.add_argument("--ray-address", default=None,
+                        help="run the clients on an existing Ray cluster (e.g. 'auto' on its head node)")
     add_flags(parser)
     args = parser.parse_args()
     config = from_args(args)
     start = time.perf_counter()
-    record = simulate(config, args.cpus, quiet=not args.verbose)
+    record = simulate(config, args.cpus, quiet=not args.verbose, ray_address=args.ray_address)
     print(f"\nfinished {record.num_rounds} rounds in {time.perf_counter() - start:.0f}s; results in {record.run_dir}")
     for name, chosen in sorted(record.selected().items()):
         print(f"  {name}: round {chosen['round']} (best validation)  test NDCG@10 {chosen['test']['ndcg@10']:.4f}  "
