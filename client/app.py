@@ -38,10 +38,10 @@ def _platform(session: ClientSession) -> ConfigRecord:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    session, _ = _open(msg, context)
+    session, config = _open(msg, context)
     metrics = session.train()
     context.state[STATE_KEY] = ConfigRecord({"checkpoint": session.checkpoint()})
-    arrays = to_record(session.encoder.adapter_state())
+    arrays = to_record(session.encoder.adapter_state(), config.federation.adapter_dtype)
     metrics["upload-bytes"] = float(record_bytes(arrays))
     metrics["download-bytes"] = float(record_bytes(msg.content["arrays"]))
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "platform": _platform(session)})

@@ -1,7 +1,9 @@
 """A platform's local side of the federation: its data, model and private state, kept between messages.
 
 Objects live for the life of the process (a Ray actor in simulation); the private state (head, optimiser,
-RNG) travels in Flower's ``Context.state`` so any process serving this node can pick it up. Whenever the
+RNG) travels in Flower's ``Context.state`` so any process serving this node can pick it up. One process may
+serve many simulated clients (silos): they share one encoder (each message loads the global adapter into it
+first) and one copy of each platform's frozen-bottom item states, so a session adds only its head. Whenever the
 validation NDCG@10 improves, the platform's model is exported for serving (client/export.py).
 """
 
@@ -16,23 +18,41 @@ import torch
 
 from client.export import export_model
 from common.config import PollenConfig
-from common.data.sources import load_split, platform_names
+from common.data.sources import load_split, simulated_client
 from common.model.encoder import TextEncoder, cached_item_states
 from common.model.recommender import Recommender
 from common.runtime import configure_threads, default_cache_dir, resolve_device
 from common.train import Platform, Trainer
 
 _SESSIONS: dict[str, "ClientSession"] = {}
+_SHARED: dict[str, object] = {}  # per process: the encoder and item states every session here can share
+
+
+def _shared(key: list, build):
+    """``build()`` once per process for this key."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    if text not in _SHARED:
+        _SHARED[text] = build()
+    return _SHARED[text]
+
+
+def _build_encoder(config: PollenConfig, device: torch.device) -> tuple[TextEncoder, torch.Tensor]:
+    torch.manual_seed(config.train.seed)
+    encoder = TextEncoder(config.model, seed=config.train.seed).to(device)
+    return encoder, torch.get_rng_state()  # sessions start their heads from this RNG state, shared or not
 
 
 class ClientSession:
-    def __init__(self, config: PollenConfig, name: str, data_path: str | None, cache_dir: str, device: str):
+    def __init__(self, config: PollenConfig, name: str, data_path: str | None, cache_dir: str, device: str,
+                 silo: int | None = None):
         self.config = config
         self.device = resolve_device(device)
-        split = load_split(config.data, name, data_path)
-        torch.manual_seed(config.train.seed)
-        self.encoder = TextEncoder(config.model, seed=config.train.seed).to(self.device)
-        states = cached_item_states(self.encoder, split.item_texts, cache_dir)
+        split = load_split(config.data, name, data_path, silo)
+        key = [vars(config.model), config.train.seed, str(self.device)]
+        self.encoder, rng = _shared(["encoder", *key], lambda: _build_encoder(config, self.device))
+        states = _shared(["states", *key, name, data_path, vars(config.data)],
+                         lambda: cached_item_states(self.encoder, split.item_texts, cache_dir))
+        torch.set_rng_state(rng)
         model = Recommender(split, config, self.encoder, states).to(self.device)
         self.platform = Platform(split, model)
         self.trainer = Trainer([self.platform], self.encoder, config)
@@ -43,13 +63,13 @@ class ClientSession:
     def open(cls, config: PollenConfig, node_config: dict) -> "ClientSession":
         """The session for this node's platform, built once per process and reused."""
         configure_threads(int(node_config.get("threads", config.train.threads)))
-        name, data_path = node_platform(config, node_config)
+        name, data_path, silo = node_platform(config, node_config)
         cache_dir = str(node_config.get("cache-dir", default_cache_dir()))
         device = str(node_config.get("device", config.train.device))
         shared = {k: v for k, v in config.to_flat().items() if k not in ("num-rounds", "round-timeout", "run-dir")}
-        key = json.dumps([name, data_path, device, shared], sort_keys=True)
+        key = json.dumps([name, silo, data_path, device, shared], sort_keys=True)
         if key not in _SESSIONS:
-            _SESSIONS[key] = cls(config, name, data_path, cache_dir, device)
+            _SESSIONS[key] = cls(config, name, data_path, cache_dir, device, silo)
         return _SESSIONS[key]
 
     @property
@@ -101,12 +121,11 @@ def export_dir(config: PollenConfig, node_config: dict) -> str | None:
     return None
 
 
-def node_platform(config: PollenConfig, node_config: dict) -> tuple[str, str | None]:
-    """(platform name, data path): a deployed node names both; a simulated node is given a partition id."""
+def node_platform(config: PollenConfig, node_config: dict) -> tuple[str, str | None, int | None]:
+    """(platform name, data path, silo): a deployed node names its platform and data (all of it, silo None);
+    a simulated node is given a partition id, which names a platform and one of its silos."""
     if "platform" in node_config:
-        return str(node_config["platform"]), node_config.get("data-path") and str(node_config["data-path"])
-    names = platform_names(config.data)
-    partition = int(node_config.get("partition-id", 0))
-    if partition >= len(names):
-        raise ValueError(f"node partition-id {partition} but the run has only {len(names)} platforms: {names}")
-    return names[partition], None
+        return (str(node_config["platform"]), node_config.get("data-path") and str(node_config["data-path"]),
+                None)
+    name, silo = simulated_client(config.data, int(node_config.get("partition-id", 0)))
+    return name, None, silo

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 
-def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
+WIRE_DTYPES = ("float32", "float16")  # numpy (Flower's array format) has no bfloat16: see the README
+
+
+def to_record(state: dict[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
+    """The adapter as it travels, cast to the wire dtype ``adapter-dtype`` (both directions use it)."""
+    wire = getattr(torch, dtype)
+    return ArrayRecord({k: v.detach().cpu().to(wire).contiguous() for k, v in state.items()})
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -37,10 +42,16 @@ def problems(record: ArrayRecord, expected: dict[str, tuple[tuple[int, ...], str
     return issues
 
 
-def signature(state: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Key -> (shape, dtype name) of an adapter, to check received records against."""
-    return {k: (tuple(v.shape), str(v.detach().cpu().numpy().dtype)) for k, v in state.items()}
+def signature(state: dict[str, torch.Tensor], dtype: str = "float32") -> dict[str, tuple[tuple[int, ...], str]]:
+    """Key -> (shape, wire dtype name) of an adapter, to check received records against."""
+    return {k: (tuple(v.shape), dtype) for k, v in state.items()}
 
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return dict(record.to_torch_state_dict())
+    """Float32 tensors whatever the wire dtype: training and aggregation always run in float32."""
+    return {k: v.float() for k, v in record.to_torch_state_dict().items()}
+
+
+def cast_record(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    """A copy in ``dtype``: the server widens replies to float32 to average them, and narrows the result to send."""
+    return ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=dtype)) for k, v in record.items()})

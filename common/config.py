@@ -22,6 +22,8 @@ class DataConfig:
     k_core: int = 0                 # drop users/items with fewer interactions (0 = keep all)
     max_len: int = 50               # most recent history items the head sees
     synthetic_seed: int = 0
+    # speed and scale (issue 6)
+    clients_per_platform: int = 1   # simulation: each platform's users split into this many silos, one client each
 
     def platform_paths(self) -> list[tuple[str, str]]:
         pairs = []
@@ -83,6 +85,8 @@ class FederationConfig:
     min_clients: int = 3            # replies needed to aggregate a round
     round_timeout: float = 1800.0   # seconds to wait for replies
     run_dir: str = ""               # where the server writes adapters and metrics; empty = runs/<time>
+    # speed and scale (issue 6)
+    adapter_dtype: str = "float32"  # adapter on the wire, both directions: float32 | float16 (averaged in float32)
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "federation": FederationConfig}
@@ -126,6 +130,9 @@ class PollenConfig:
             (self.train.loss in ("softmax", "sampled"), "loss must be 'softmax' or 'sampled'"),
             (self.federation.num_rounds >= 1, "num-rounds must be >= 1"),
             (self.federation.min_clients >= 1, "min-clients must be >= 1"),
+            (self.federation.adapter_dtype in ("float32", "float16"),
+             "adapter-dtype must be 'float32' or 'float16' (numpy, Flower's array format, has no bfloat16)"),
+            (self.data.clients_per_platform >= 1, "clients-per-platform must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -36,17 +36,18 @@ def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
         raise ValueError("config: a federation needs text = true and lora-layers >= 1 (there is no adapter to share)")
     fed = config.federation
     record = RunRecord(run_dir, config.to_flat(), fed.num_rounds, log)
-    record.adapter_bytes = record_bytes(to_record(initial))
+    wire = fed.adapter_dtype
+    record.adapter_bytes = record_bytes(to_record(initial, wire))
 
     def after_aggregate(server_round: int, arrays: ArrayRecord, training: dict) -> None:
         record.add_training(server_round, training)
         encoder.load_adapter_state(from_record(arrays))
         replace_dir(run_dir / "adapter", encoder.save_adapter)  # the latest global adapter, PEFT format
 
-    strategy = AdapterFedAvg(signature(initial), fed.min_clients, on_aggregate=after_aggregate,
-                             on_evaluate=record.add_evaluation)
+    strategy = AdapterFedAvg(signature(initial, wire), fed.min_clients, on_aggregate=after_aggregate,
+                             on_evaluate=record.add_evaluation, wire_dtype=wire)
     flat = ConfigRecord(config.to_flat())
-    arrays = to_record(initial)
+    arrays = to_record(initial, wire)
     log(f"Pollen federation: {fed.num_rounds} rounds, adapter {record.adapter_bytes / 1024:.0f} KiB, "
         f"run folder {run_dir}")
     strategy.evaluate_round(grid, 0, arrays, flat, fed.round_timeout)

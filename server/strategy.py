@@ -8,26 +8,29 @@ after every round; each platform's evaluation metrics go to ``on_evaluate``.
 
 from __future__ import annotations
 
+import copy
 from logging import INFO, WARNING
 from typing import Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.adapters import problems
+from common.adapters import cast_record, problems
 
 
 class AdapterFedAvg(FedAvg):
     def __init__(self, expected: dict, min_clients: int,
                  on_aggregate: Callable[[int, ArrayRecord, dict[str, dict[str, float]]], None] = lambda *a: None,
-                 on_evaluate: Callable[[int, dict[str, dict[str, float]]], None] = lambda r, m: None):
+                 on_evaluate: Callable[[int, dict[str, dict[str, float]]], None] = lambda r, m: None,
+                 wire_dtype: str = "float32"):
         super().__init__(min_train_nodes=min_clients, min_evaluate_nodes=min_clients,
                          min_available_nodes=min_clients)
         self.expected = expected
         self.on_aggregate = on_aggregate
         self.on_evaluate = on_evaluate
+        self.wire_dtype = wire_dtype  # replies arrive in it and are averaged in float32; the result leaves in it
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -41,9 +44,11 @@ class AdapterFedAvg(FedAvg):
                         reply.metadata.src_node_id, _platform(reply), "; ".join(issues))
                     continue
                 per_platform[_platform(reply)] = dict(reply.content["metrics"])
+                reply = _widened(reply)
             accepted.append(reply)
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
+            arrays = cast_record(arrays, self.wire_dtype)
             self.on_aggregate(server_round, arrays, per_platform)
         return arrays, metrics
 
@@ -72,6 +77,14 @@ def mean_shared_metrics(per_platform: dict[str, dict[str, float]], weight: str =
     shared = set.intersection(*(set(m) for m in per_platform.values())) - {weight}
     total = sum(m[weight] for m in per_platform.values())
     return {key: sum(m[key] * m[weight] for m in per_platform.values()) / total for key in sorted(shared)}
+
+
+def _widened(reply: Message) -> Message:
+    """A copy of the reply whose adapter is float32, so that FedAvg accumulates in float32 (the received
+    message is left as it came)."""
+    widened = copy.copy(reply)
+    widened.content = RecordDict({**reply.content, "arrays": cast_record(reply.content["arrays"], "float32")})
+    return widened
 
 
 def _platform(reply: Message) -> str:

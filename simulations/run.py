@@ -2,6 +2,7 @@
 
     python -m simulations.run                       # embedded synthetic data, 5 rounds
     python -m simulations.run --data-dir ../shared/data --num-rounds 10
+    python -m simulations.run --clients-per-platform 10   # 30 clients: each platform's users in 10 silos
 
 Writes results.json, rounds.csv and ndcg_per_round.png into the run folder (--run-dir, default runs/<time>).
 """
@@ -15,11 +16,13 @@ import time
 
 from common import runtime  # noqa: F401  (sets offline / telemetry environment before flwr loads)
 from common.config import PollenConfig, add_flags, from_args
-from common.data.sources import platform_names
+from common.data.sources import client_names
 
 
-def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True):
-    """Run the federation with one simulated node per platform; returns the server's RunRecord."""
+def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, ray_address: str | None = None):
+    """Run the federation with one simulated node per client (a platform, or a silo of one); returns the
+    server's RunRecord. ``ray_address`` (e.g. "auto" or "head-host:6379") runs the clients on an existing
+    Ray cluster instead of a local one; its size then comes from the cluster, not ``cpus``."""
     import torch
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -28,7 +31,7 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True):
     from server.app import run_federation
 
     cpus = cpus or os.cpu_count() or 1
-    names = platform_names(config.data)
+    names = client_names(config.data)
     gpus = 1.0 / len(names) if torch.cuda.is_available() else 0.0  # Ray hides the GPU from actors given none
     records = []
     server_app = ServerApp()
@@ -40,13 +43,13 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True):
     if quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     # one CPU per client: Ray runs at most `cpus` clients at once, each with one torch thread
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
-               "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error",
-                             "log_to_driver": True}}
+    init = {"include_dashboard": False, "logging_level": "error", "log_to_driver": True}
+    init.update({"address": ray_address} if ray_address else {"num_cpus": cpus})  # a cluster has its own size
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": init}
     run_simulation(server_app=server_app, client_app=client_app,
                    num_supernodes=len(names), backend_config=backend)
     if not records or set(records[0].evaluations.get(config.federation.num_rounds, {})) != set(names):
-        raise RuntimeError(f"the federation did not finish with every platform ({sorted(names)}): "
+        raise RuntimeError(f"the federation did not finish with every client ({sorted(names)}): "
                            "see the log above")
     return records[0]
 
@@ -55,11 +58,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpus", type=int, default=None, help="cores for the simulation (default: all)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    parser.add_argument("--ray-address", default=None,
+                        help="run the clients on an existing Ray cluster (e.g. 'auto' on its head node)")
     add_flags(parser)
     args = parser.parse_args()
     config = from_args(args)
     start = time.perf_counter()
-    record = simulate(config, args.cpus, quiet=not args.verbose)
+    record = simulate(config, args.cpus, quiet=not args.verbose, ray_address=args.ray_address)
     print(f"\nfinished {record.num_rounds} rounds in {time.perf_counter() - start:.0f}s; results in {record.run_dir}")
     for name, chosen in sorted(record.selected().items()):
         print(f"  {name}: round {chosen['round']} (best validation)  test NDCG@10 {chosen['test']['ndcg@10']:.4f}  "

@@ -5,11 +5,12 @@ Every entry point (simulation, client, baselines) gets its split data through ``
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from common.config import DataConfig
 from common.data.schema import PlatformData
-from common.data.split import SplitData, leave_one_out
+from common.data.split import SplitData, leave_one_out, silo
 
 SYNTHETIC_PLATFORMS = ("ecommerce", "social", "video")
 
@@ -21,6 +22,30 @@ def platform_names(config: DataConfig) -> list[str]:
     return [name for name, _ in config.platform_paths()]
 
 
+def client_names(config: DataConfig) -> list[str]:
+    """The simulated clients, in partition-id order: each platform's silos in turn (see ``simulated_client``)."""
+    count = config.clients_per_platform
+    return [name if count == 1 else f"{name}-silo{i}" for name in platform_names(config) for i in range(count)]
+
+
+def simulated_client(config: DataConfig, partition: int) -> tuple[str, int]:
+    """(platform, silo) of a simulation node's partition id: partition = platform index x silos + silo."""
+    names = platform_names(config)
+    count = config.clients_per_platform
+    if not 0 <= partition < len(names) * count:
+        raise ValueError(f"node partition-id {partition} but the run has only {len(names) * count} clients "
+                         f"({len(names)} platforms x clients-per-platform {count})")
+    return names[partition // count], partition % count
+
+
+@lru_cache(maxsize=2)
+def _synthetic(seed: int) -> dict[str, PlatformData]:
+    """Generated once per process: every silo of every platform starts from the same tables."""
+    from common.data.synthetic import SyntheticConfig, generate
+
+    return {p.name: p for p in generate(SyntheticConfig(seed=seed))}
+
+
 def load_platform(config: DataConfig, name: str, path: str | None = None) -> PlatformData:
     """A platform's raw data: from ``path`` if given (a partner's node), else from the run's data config."""
     if path:
@@ -28,9 +53,7 @@ def load_platform(config: DataConfig, name: str, path: str | None = None) -> Pla
 
         return load_folder(Path(path), name)
     if not config.data_dir:
-        from common.data.synthetic import SyntheticConfig, generate
-
-        by_name = {p.name: p for p in generate(SyntheticConfig(seed=config.synthetic_seed))}
+        by_name = _synthetic(config.synthetic_seed)
         if name not in by_name:
             raise ValueError(f"no synthetic platform {name!r}; expected one of {sorted(by_name)}")
         return by_name[name]
@@ -42,10 +65,12 @@ def load_platform(config: DataConfig, name: str, path: str | None = None) -> Pla
     return load_folder(Path(config.data_dir) / paths[name], name)
 
 
-def load_split(config: DataConfig, name: str, path: str | None = None) -> SplitData:
+def load_split(config: DataConfig, name: str, path: str | None = None, silo_index: int | None = None) -> SplitData:
+    """The platform's split data; with ``silo_index`` only that silo's users (``clients-per-platform`` silos)."""
     data = load_platform(config, name, path)
     if config.k_core > 1:
         from common.data.loaders import k_core
 
         data = k_core(data, config.k_core)
-    return leave_one_out(data)
+    split = leave_one_out(data)
+    return split if silo_index is None else silo(split, silo_index, config.clients_per_platform)

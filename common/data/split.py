@@ -117,3 +117,26 @@ def _match_sampled_negatives(split: SplitData, negatives: pd.DataFrame,
             if getattr(row, "split", name) == name and split.sequences[u][offset] == target_index:
                 matched[(name, u)] = np.array(index.reindex(list(row.negatives)).dropna(), dtype=np.int64)
     return matched
+
+
+SILO_SEED = 0  # fixed: the same users land in the same silo in every run and on every machine
+
+
+def silo(split: SplitData, index: int, count: int) -> SplitData:
+    """Silo ``index`` of ``count``: a deterministic, balanced share of the platform's users (each user in
+    exactly one silo) with the platform's whole item catalogue, so silos of a platform score the same items.
+
+    Users are dealt round-robin from a fixed-seed permutation, so silo sizes differ by at most one.
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"{split.name}: silo {index} out of range for {count} silos")
+    if count == 1:
+        return split
+    order = np.random.default_rng(SILO_SEED).permutation(split.num_users)
+    users = np.sort(order[index::count])
+    new_index = {int(u): i for i, u in enumerate(users)}
+    negatives = None
+    if split.sampled_negatives is not None:
+        negatives = {(which, new_index[u]): v for (which, u), v in split.sampled_negatives.items() if u in new_index}
+    return SplitData(f"{split.name}-silo{index}", split.item_ids, split.item_texts,
+                     [split.user_ids[u] for u in users], [split.sequences[u] for u in users], negatives)

