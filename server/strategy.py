@@ -3,17 +3,18 @@
 On top of Flower's FedAvg: every reply is checked against the adapter's keys, shapes and dtypes and for
 finite values before it is averaged (a bad one is logged with its node id and left out, the round goes on),
 and the aggregate plus each platform's training metrics go to ``on_aggregate`` (the server saves them)
-after every round; each platform's evaluation metrics go to ``on_evaluate``.
+after every round; each platform's evaluation metrics go to ``on_evaluate``. A round with fewer than
+min-clients acceptable replies is not aggregated. Replies are averaged in platform order, so the aggregate does
+not depend on which reply arrived first (a resumed run reproduces an uninterrupted one bit for bit).
 """
 
 from __future__ import annotations
 
-from logging import INFO, WARNING
+from logging import WARNING
 from typing import Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.adapters import problems
@@ -26,6 +27,7 @@ class AdapterFedAvg(FedAvg):
         super().__init__(min_train_nodes=min_clients, min_evaluate_nodes=min_clients,
                          min_available_nodes=min_clients)
         self.expected = expected
+        self.min_clients = min_clients
         self.on_aggregate = on_aggregate
         self.on_evaluate = on_evaluate
 
@@ -42,6 +44,12 @@ class AdapterFedAvg(FedAvg):
                     continue
                 per_platform[_platform(reply)] = dict(reply.content["metrics"])
             accepted.append(reply)
+        valid = sum(not r.has_error() for r in accepted)
+        if valid < self.min_clients:
+            log(WARNING, "round %d: %d acceptable update(s), min-clients is %d: not aggregated", server_round,
+                valid, self.min_clients)
+            return None, None
+        accepted = sorted((r for r in accepted if not r.has_error()), key=_platform)
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
             self.on_aggregate(server_round, arrays, per_platform)
@@ -58,13 +66,12 @@ class AdapterFedAvg(FedAvg):
         self.on_evaluate(server_round, per_platform)
         return MetricRecord(mean_shared_metrics(per_platform)) if per_platform else None
 
-    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                       timeout: float) -> MetricRecord | None:
-        """One client-side evaluation outside the training loop (round 0: the adapter before any training)."""
-        log(INFO, "[ROUND %d] client-side evaluation of the starting adapter", server_round)
-        replies = grid.send_and_receive(self.configure_evaluate(server_round, arrays, config, grid),
-                                        timeout=timeout)
-        return self.aggregate_evaluate(server_round, replies)
+    # -- checkpoint: what a restarted server needs to carry on (FedAvg keeps nothing between rounds) --
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def mean_shared_metrics(per_platform: dict[str, dict[str, float]], weight: str = "num-examples") -> dict[str, float]:
