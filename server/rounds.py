@@ -55,23 +55,31 @@ class RoundLoop:
             time.sleep(self.poll_seconds)
 
     def exchange(self, rnd: int, phase: str, messages: Iterable[Message]) -> list[Message]:
-        """Send, collect the replies that came within round-timeout, name every node that failed or stayed silent."""
+        """Send, collect the replies that came within round-timeout, name every node that failed or stayed silent.
+
+        A reply is matched to its node through the message it answers: the SuperLink itself signs the error
+        reply for a node that missed its heartbeats.
+        """
         messages = list(messages)
         timeout = self.federation.round_timeout
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered = set()
         for reply in replies:
-            if not reply.has_error() and "platform" in reply.content.config_records:
-                self.names[reply.metadata.src_node_id] = str(reply.content["platform"]["platform"])
-        answered = {r.metadata.src_node_id for r in replies}
-        failures = [f"node {r.metadata.src_node_id} ({self.name(r.metadata.src_node_id)}) failed: {r.error.reason}"
-                    for r in replies if r.has_error()]
-        failures += [f"node {m.metadata.dst_node_id} ({self.name(m.metadata.dst_node_id)}) sent no reply "
-                     f"within {timeout:.0f}s" for m in messages if m.metadata.dst_node_id not in answered]
-        for failure in failures:
-            line = f"round {rnd} {phase}: {failure}"
-            self.log(line)
-            self.on_failure(rnd, line)
+            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.add(node)
+            if reply.has_error():
+                self.fail(rnd, phase, f"node {node} ({self.name(node)}) failed: {reply.error.reason}")
+            elif "platform" in reply.content.config_records:
+                self.names[node] = str(reply.content["platform"]["platform"])
+        for node in sorted(set(node_of.values()) - answered):
+            self.fail(rnd, phase, f"node {node} ({self.name(node)}) sent no reply within {timeout:.0f}s")
         return replies
+
+    def fail(self, rnd: int, phase: str, what: str) -> None:
+        line = f"round {rnd} {phase}: {what}"
+        self.log(line)
+        self.on_failure(rnd, line)
 
     def name(self, node_id: int) -> str:
         return self.names.get(node_id, "platform unknown")

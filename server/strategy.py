@@ -57,11 +57,7 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Platforms report different metrics (only some ship sampled negatives): average the shared ones."""
-        replies = list(replies)
-        for reply in replies:
-            if reply.has_error():
-                log(WARNING, "round %d: evaluation failed on node %d: %s", server_round,
-                    reply.metadata.src_node_id, reply.error.reason)
+        replies = list(replies)  # failed nodes are named by the round loop (server/rounds.py)
         per_platform = {_platform(r): dict(r.content["metrics"]) for r in replies if not r.has_error()}
         self.on_evaluate(server_round, per_platform)
         return MetricRecord(mean_shared_metrics(per_platform)) if per_platform else None
