@@ -1,7 +1,8 @@
 """Pollen's Flower ClientApp: receive the global adapter, train or evaluate locally, reply with adapter + metrics.
 
 The reply holds the adapter tensors, scalar metrics and the platform's name; the head, the item table and
-every interaction stay on the node.
+every interaction stay on the node. The private state a round starts from is read from the node's disk
+(client/state.py), so any process, in any Flower run of the same federation, continues where the last one left.
 """
 
 from __future__ import annotations
@@ -9,27 +10,26 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.session import ClientSession, export_dir
+from client.session import ClientSession, export_dir, state_root
+from client.state import NodeState
 from common.adapters import from_record, record_bytes, to_record
-from common.config import PollenConfig
+from common.config import FEDERATION_ID, SERVER_ROUND, PollenConfig
 
-STATE_KEY = "pollen"
 app = ClientApp()
 
 
-def _config(msg: Message) -> PollenConfig:
+def _open(msg: Message, context: Context, training: bool) -> tuple[ClientSession, PollenConfig, NodeState, int]:
+    """This node's session with the private state the round starts from and the received adapter loaded."""
     table = dict(msg.content["config"])
-    table.pop("server-round", None)  # added by the strategy
-    return PollenConfig.from_flat(table)
-
-
-def _open(msg: Message, context: Context) -> tuple[ClientSession, PollenConfig]:
-    config = _config(msg)
-    session = ClientSession.open(config, dict(context.node_config))
-    saved = context.state.config_records.get(STATE_KEY)
-    session.restore(saved["checkpoint"] if saved else None)
+    server_round = int(table.pop(SERVER_ROUND, 0))
+    federation_id = str(table.pop(FEDERATION_ID, "default"))
+    config = PollenConfig.from_flat(table)
+    node_config = dict(context.node_config)
+    session = ClientSession.open(config, node_config)
+    state = NodeState.open(state_root(config, node_config), federation_id, session.name, config)
+    session.restore(state.load(up_to=server_round - 1 if training else server_round))
     session.set_adapter(from_record(msg.content["arrays"]))
-    return session, config
+    return session, config, state, server_round
 
 
 def _platform(session: ClientSession) -> ConfigRecord:
@@ -38,9 +38,9 @@ def _platform(session: ClientSession) -> ConfigRecord:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    session, config = _open(msg, context)
-    metrics = session.train()
-    context.state[STATE_KEY] = ConfigRecord({"checkpoint": session.checkpoint()})
+    session, config, state, server_round = _open(msg, context, training=True)
+    metrics = {**session.start_costs(), **session.train()}
+    state.save(server_round, session.checkpoint())
     arrays = to_record(session.encoder.adapter_state(), config.federation.adapter_dtype)
     metrics["upload-bytes"] = float(record_bytes(arrays))
     metrics["download-bytes"] = float(record_bytes(msg.content["arrays"]))
@@ -50,9 +50,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    session, config = _open(msg, context)
-    trained = int(msg.content["config"].get("server-round", 0)) > 0  # round 0 is the untrained start
-    metrics = session.evaluate(export_dir(config, dict(context.node_config)) if trained else None)
-    context.state[STATE_KEY] = ConfigRecord({"checkpoint": session.checkpoint()})  # keeps the best-so-far
+    session, config, state, server_round = _open(msg, context, training=False)
+    trained = server_round > 0  # round 0 is the untrained start
+    metrics = {**session.start_costs(),
+               **session.evaluate(export_dir(config, dict(context.node_config)) if trained else None)}
+    state.save(server_round, session.checkpoint())  # keeps the best validation score so far
     content = RecordDict({"metrics": MetricRecord(metrics), "platform": _platform(session)})
     return Message(content=content, reply_to=msg)

@@ -1,10 +1,12 @@
 """A platform's local side of the federation: its data, model and private state, kept between messages.
 
-Objects live for the life of the process (a Ray actor in simulation); the private state (head, optimiser,
-RNG) travels in Flower's ``Context.state`` so any process serving this node can pick it up. One process may
-serve many simulated clients (silos): they share one encoder (each message loads the global adapter into it
-first) and one copy of each platform's frozen-bottom item states, so a session adds only its head. Whenever the
-validation NDCG@10 improves, the platform's model is exported for serving (client/export.py).
+Objects live for the life of the process (a Ray actor in simulation; one message in deployment, where the
+Deployment Engine starts a fresh process per message, so building must be cheap: the frozen-layer item states
+come from the disk cache). One process may serve many simulated clients (silos): they share one encoder (each
+message loads the global adapter into it first) and one copy of each platform's frozen-bottom item states, so a
+session adds only its head. The private state (head, optimiser, RNG) is restored from the node's disk before
+every message (client/state.py). Whenever the validation NDCG@10 improves, the platform's model is exported
+for serving (client/export.py).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import json
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from client.export import export_model
+from client.state import training_settings
 from common.config import PollenConfig
 from common.data.sources import load_split, simulated_client
 from common.model.encoder import TextEncoder, cached_item_states
@@ -42,6 +46,9 @@ def _build_encoder(config: PollenConfig, device: torch.device) -> tuple[TextEnco
     return encoder, torch.get_rng_state()  # sessions start their heads from this RNG state, shared or not
 
 
+_PROCESS = {"fresh": True}  # the first message a process serves pays for its imports
+
+
 class ClientSession:
     def __init__(self, config: PollenConfig, name: str, data_path: str | None, cache_dir: str, device: str,
                  silo: int | None = None):
@@ -57,20 +64,29 @@ class ClientSession:
         self.platform = Platform(split, model)
         self.trainer = Trainer([self.platform], self.encoder, config)
         self.best_valid = -1.0  # best validation NDCG@10 so far: the exported model
+        self.costs: dict[str, float] = {}  # start costs of the current message (see open)
         self.fresh_state = self.checkpoint()  # what a node that never trained starts from
 
     @classmethod
     def open(cls, config: PollenConfig, node_config: dict) -> "ClientSession":
         """The session for this node's platform, built once per process and reused."""
+        opened = time.time()
+        imports = opened - psutil.Process().create_time() if _PROCESS.pop("fresh", False) else 0.0
         configure_threads(int(node_config.get("threads", config.train.threads)))
         name, data_path, silo = node_platform(config, node_config)
         cache_dir = str(node_config.get("cache-dir", default_cache_dir()))
         device = str(node_config.get("device", config.train.device))
-        shared = {k: v for k, v in config.to_flat().items() if k not in ("num-rounds", "round-timeout", "run-dir")}
-        key = json.dumps([name, silo, data_path, device, shared], sort_keys=True)
+        key = json.dumps([name, silo, data_path, device, training_settings(config)], sort_keys=True)
         if key not in _SESSIONS:
             _SESSIONS[key] = cls(config, name, data_path, cache_dir, device, silo)
-        return _SESSIONS[key]
+        session = _SESSIONS[key]
+        session.costs = {"start-process-seconds": imports, "start-build-seconds": time.time() - opened}
+        return session
+
+    def start_costs(self) -> dict[str, float]:
+        """What this message paid before its work: process start + imports (first message of a process only)
+        and building the session (0 when the process already had it)."""
+        return dict(self.costs)
 
     @property
     def name(self) -> str:
@@ -119,6 +135,16 @@ def export_dir(config: PollenConfig, node_config: dict) -> str | None:
     if "platform" not in node_config and config.federation.run_dir:
         return str(Path(config.federation.run_dir) / "models")
     return None
+
+
+def state_root(config: PollenConfig, node_config: dict) -> str:
+    """Where a node keeps its private state: its node config's state-dir, a simulated node's run folder, or the
+    node's cache folder."""
+    if "state-dir" in node_config:
+        return str(node_config["state-dir"])
+    if "platform" not in node_config and config.federation.run_dir:
+        return str(Path(config.federation.run_dir) / "client-state")
+    return str(Path(str(node_config.get("cache-dir", default_cache_dir()))) / "state")
 
 
 def node_platform(config: PollenConfig, node_config: dict) -> tuple[str, str | None, int | None]:

@@ -175,3 +175,8 @@ def add_flags(parser: argparse.ArgumentParser, defaults: PollenConfig | None = N
 def from_args(args: argparse.Namespace) -> PollenConfig:
     known = PollenConfig().to_flat()
     return PollenConfig.from_flat({k: getattr(args, k.replace("-", "_")) for k in known})
+
+
+# Keys the server adds to the flat table in every message; they are not settings. The federation id names the
+# partners' private state on disk, so a resumed run finds it again and a new run never mixes with an old one.
+SERVER_ROUND, FEDERATION_ID = "server-round", "federation-id"

@@ -1,5 +1,6 @@
 """Pollen's Flower ServerApp: start from the pretrained model's fresh adapter, run FedAvg over adapters,
-save the global adapter in PEFT format after every round, and keep the run's record.
+save the global adapter in PEFT format and a checkpoint after every round, and keep the run's record.
+A ServerApp started on a run folder that holds a checkpoint resumes after its last finished round.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.adapters import from_record, record_bytes, signature, to_record
-from common.config import PollenConfig
+from common.config import FEDERATION_ID, PollenConfig
 from common.files import replace_dir
 from common.model.encoder import TextEncoder
 from common.runtime import configure_threads
+from server.checkpoint import Checkpoint, check_resumable, load_checkpoint, new_federation_id, save_checkpoint
 from server.record import RunRecord
+from server.rounds import RoundLoop
 from server.strategy import AdapterFedAvg
 
 app = ServerApp()
@@ -27,6 +30,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
+    """Run (or resume, when run-dir holds a checkpoint) the federation; returns the run's record."""
     configure_threads(1)  # the server only averages; leave the cores to the clients
     run_dir = resolve_run_dir(config.federation.run_dir)
     config = config.replace(**{"run-dir": str(run_dir)})  # simulated clients export their models there
@@ -38,20 +42,31 @@ def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
     record = RunRecord(run_dir, config.to_flat(), fed.num_rounds, log)
     wire = fed.adapter_dtype
     record.adapter_bytes = record_bytes(to_record(initial, wire))
+    strategy = AdapterFedAvg(signature(initial, wire), fed.min_clients,
+                             on_aggregate=lambda rnd, arrays, training: record.add_training(rnd, training),
+                             on_evaluate=record.add_evaluation, wire_dtype=wire)
+    loop = RoundLoop(grid, strategy, fed, log, on_failure=record.add_failure)
+    saved = load_checkpoint(run_dir)
+    if saved:
+        check_resumable(saved.config, config.to_flat(), run_dir)
+        arrays, first_round, federation_id = saved.arrays, saved.round + 1, saved.federation_id
+        record.restore(saved.record)
+        strategy.load_state_dict(saved.strategy)
+        loop.names.update(saved.nodes)
+        log(f"Pollen federation: resuming from the checkpoint of round {saved.round} in {run_dir}")
+    else:
+        arrays, first_round, federation_id = to_record(initial, wire), 0, new_federation_id()
+        log(f"Pollen federation: {fed.num_rounds} rounds, adapter {record.adapter_bytes / 1024:.0f} KiB, "
+            f"run folder {run_dir}")
 
-    def after_aggregate(server_round: int, arrays: ArrayRecord, training: dict) -> None:
-        record.add_training(server_round, training)
+    def end_round(server_round: int, arrays: ArrayRecord) -> None:
         encoder.load_adapter_state(from_record(arrays))
         replace_dir(run_dir / "adapter", encoder.save_adapter)  # the latest global adapter, PEFT format
+        save_checkpoint(run_dir, Checkpoint(server_round, arrays, federation_id, strategy.state_dict(),
+                                            record.state(), config.to_flat(), loop.names))
 
-    strategy = AdapterFedAvg(signature(initial, wire), fed.min_clients, on_aggregate=after_aggregate,
-                             on_evaluate=record.add_evaluation, wire_dtype=wire)
-    flat = ConfigRecord(config.to_flat())
-    arrays = to_record(initial, wire)
-    log(f"Pollen federation: {fed.num_rounds} rounds, adapter {record.adapter_bytes / 1024:.0f} KiB, "
-        f"run folder {run_dir}")
-    strategy.evaluate_round(grid, 0, arrays, flat, fed.round_timeout)
-    strategy.start(grid, arrays, fed.num_rounds, fed.round_timeout, train_config=flat, evaluate_config=flat)
+    # the clients get the flat config plus the federation id, under which they keep their private state
+    loop.run(arrays, ConfigRecord({**config.to_flat(), FEDERATION_ID: federation_id}), first_round, end_round)
     record.save()
     return record
 

@@ -23,11 +23,15 @@ class RunRecord:
         self.evaluations: dict[int, dict[str, dict[str, float]]] = {}
         self.training: dict[int, dict[str, dict[str, float]]] = {}
         self.round_seconds: dict[int, float] = {}
+        self.failures: dict[int, list[str]] = {}  # per round: the nodes that failed or did not answer in time
         self.adapter_bytes = 0
         self.started = self._last = time.perf_counter()
 
     def add_training(self, server_round: int, per_platform: dict[str, dict[str, float]]) -> None:
         self.training[server_round] = per_platform
+
+    def add_failure(self, server_round: int, line: str) -> None:
+        self.failures.setdefault(server_round, []).append(line)
 
     def add_evaluation(self, server_round: int, per_platform: dict[str, dict[str, float]]) -> None:
         now = time.perf_counter()
@@ -51,11 +55,22 @@ class RunRecord:
                                  "test": {k[5:]: v for k, v in m.items() if k.startswith("test-")}}
         return out
 
+    # -- checkpoint: the record so far, so a resumed run reports every round ---------------------
+    def state(self) -> dict:
+        return {"evaluations": self.evaluations, "training": self.training, "round_seconds": self.round_seconds,
+                "failures": self.failures}
+
+    def restore(self, state: dict) -> None:
+        """Inverse of ``state`` after a JSON round trip (round numbers come back as strings)."""
+        for name in ("evaluations", "training", "round_seconds", "failures"):
+            setattr(self, name, {int(k): v for k, v in state[name].items()})
+
     def save(self) -> None:
         write_json(self.run_dir / "results.json", {
             "config": self.config, "rounds_completed": max(self.evaluations, default=0),
             "adapter_bytes": self.adapter_bytes, "seconds": time.perf_counter() - self.started,
-            "round_seconds": self.round_seconds, "evaluations": self.evaluations, "training": self.training,
+            "round_seconds": self.round_seconds, "failures": self.failures, "evaluations": self.evaluations,
+            "training": self.training,
             "selected": self.selected()})
         write_atomic(self.run_dir / "rounds.csv", self._csv())
         self._plot()

@@ -3,18 +3,19 @@
 On top of Flower's FedAvg: every reply is checked against the adapter's keys, shapes and dtypes and for
 finite values before it is averaged (a bad one is logged with its node id and left out, the round goes on),
 and the aggregate plus each platform's training metrics go to ``on_aggregate`` (the server saves them)
-after every round; each platform's evaluation metrics go to ``on_evaluate``.
+after every round; each platform's evaluation metrics go to ``on_evaluate``. A round with fewer than
+min-clients acceptable replies is not aggregated. Replies are averaged in platform order, so the aggregate does
+not depend on which reply arrived first (a resumed run reproduces an uninterrupted one bit for bit).
 """
 
 from __future__ import annotations
 
 import copy
-from logging import INFO, WARNING
+from logging import WARNING
 from typing import Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.adapters import cast_record, problems
@@ -28,6 +29,7 @@ class AdapterFedAvg(FedAvg):
         super().__init__(min_train_nodes=min_clients, min_evaluate_nodes=min_clients,
                          min_available_nodes=min_clients)
         self.expected = expected
+        self.min_clients = min_clients
         self.on_aggregate = on_aggregate
         self.on_evaluate = on_evaluate
         self.wire_dtype = wire_dtype  # replies arrive in it and are averaged in float32; the result leaves in it
@@ -46,6 +48,12 @@ class AdapterFedAvg(FedAvg):
                 per_platform[_platform(reply)] = dict(reply.content["metrics"])
                 reply = _widened(reply)
             accepted.append(reply)
+        valid = sum(not r.has_error() for r in accepted)
+        if valid < self.min_clients:
+            log(WARNING, "round %d: %d acceptable update(s), min-clients is %d: not aggregated", server_round,
+                valid, self.min_clients)
+            return None, None
+        accepted = sorted((r for r in accepted if not r.has_error()), key=_platform)
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
             arrays = cast_record(arrays, self.wire_dtype)
@@ -54,22 +62,17 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Platforms report different metrics (only some ship sampled negatives): average the shared ones."""
-        replies = list(replies)
-        for reply in replies:
-            if reply.has_error():
-                log(WARNING, "round %d: evaluation failed on node %d: %s", server_round,
-                    reply.metadata.src_node_id, reply.error.reason)
+        replies = list(replies)  # failed nodes are named by the round loop (server/rounds.py)
         per_platform = {_platform(r): dict(r.content["metrics"]) for r in replies if not r.has_error()}
         self.on_evaluate(server_round, per_platform)
         return MetricRecord(mean_shared_metrics(per_platform)) if per_platform else None
 
-    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                       timeout: float) -> MetricRecord | None:
-        """One client-side evaluation outside the training loop (round 0: the adapter before any training)."""
-        log(INFO, "[ROUND %d] client-side evaluation of the starting adapter", server_round)
-        replies = grid.send_and_receive(self.configure_evaluate(server_round, arrays, config, grid),
-                                        timeout=timeout)
-        return self.aggregate_evaluate(server_round, replies)
+    # -- checkpoint: what a restarted server needs to carry on (FedAvg keeps nothing between rounds) --
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def mean_shared_metrics(per_platform: dict[str, dict[str, float]], weight: str = "num-examples") -> dict[str, float]:
@@ -79,14 +82,14 @@ def mean_shared_metrics(per_platform: dict[str, dict[str, float]], weight: str =
     return {key: sum(m[key] * m[weight] for m in per_platform.values()) / total for key in sorted(shared)}
 
 
+def _platform(reply: Message) -> str:
+    record = reply.content.config_records.get("platform")
+    return str(record["platform"]) if record else f"node-{reply.metadata.src_node_id}"
+
+
 def _widened(reply: Message) -> Message:
     """A copy of the reply whose adapter is float32, so that FedAvg accumulates in float32 (the received
     message is left as it came)."""
     widened = copy.copy(reply)
     widened.content = RecordDict({**reply.content, "arrays": cast_record(reply.content["arrays"], "float32")})
     return widened
-
-
-def _platform(reply: Message) -> str:
-    record = reply.content.config_records.get("platform")
-    return str(record["platform"]) if record else f"node-{reply.metadata.src_node_id}"

@@ -66,7 +66,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray actors cannot
 @pytest.fixture(scope="module")
 def federation(tiny_bert, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "num-rounds": 2,
+    # min-clients 2: round 2 aggregates the two honest updates once the hostile one is rejected
+    config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "num-rounds": 2, "min-clients": 2,
                                        "batch-size": 64, "run-dir": str(run_dir), "round-timeout": 600.0})
     seen = {}
     server_app = ServerApp()

@@ -1,0 +1,95 @@
+"""A partner's side of a deployment: its SuperNode (Flower's flower-supernode), next to its private data.
+
+    python -m client.launch --superlink coordinator.example.org:9092 --ca ca.crt --key video.key \\
+        --platform video --data-path /data/video-export
+
+The SuperNode verifies the coordinator with the operator's CA certificate, authenticates with the partner's
+private key (its public key must be registered by the operator), and hands the ClientApp its node config:
+the platform name, the absolute data path (omit it to use the embedded synthetic platform of that name) and a
+home folder (``--home``) where the node keeps what survives between messages and runs: the frozen-layer cache
+(``cache``), the private training state per federation and round (``state``) and the best model (``models``).
+``--insecure`` (no TLS, no authentication) only works against an insecure SuperLink and says so loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from common.processes import INSECURE_WARNING, flower_binary, flower_env
+
+
+def node_config(platform: str, data_path: str | None, home: Path, threads: int = 0, device: str = "") -> str:
+    """The ``--node-config`` string (TOML values; paths absolute: apps run in the SuperNode's folder)."""
+    values: dict[str, object] = {"platform": platform}
+    if data_path:
+        path = Path(data_path).expanduser().resolve()
+        if not path.is_dir():
+            raise FileNotFoundError(f"--data-path {data_path}: no such folder (it holds interactions.csv and "
+                                    "items.csv, see the README)")
+        values["data-path"] = str(path)
+    home = home.expanduser().resolve()
+    values.update({"cache-dir": str(home / "cache"), "state-dir": str(home / "state"),
+                   "export-dir": str(home / "models")})
+    if threads:
+        values["threads"] = threads
+    if device:
+        values["device"] = device
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def supernode_command(superlink: str, platform: str, data_path: str | None, home: Path, ca: Path | None,
+                      key: Path | None, port: int = 9094, threads: int = 0, device: str = "") -> list[str]:
+    """flower-supernode with TLS and authentication (ca and key None: insecure)."""
+    command = [flower_binary("flower-supernode"), "--superlink", superlink, "--port", str(port),
+               "--node-config", node_config(platform, data_path, home, threads, device)]
+    if ca is None or key is None:
+        return command + ["--insecure"]
+    for path, what in ((ca, "CA certificate (from the operator)"), (key, "private key (python -m server.certs)")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: {what} not found")
+    return command + ["--root-certificates", str(ca.resolve()), "--auth-supernode-private-key", str(key.resolve())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client.launch", description=__doc__.split("\n")[0],
+                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--superlink", required=True, help="coordinator host:port")
+    parser.add_argument("--platform", required=True, help="this partner's platform name, e.g. video")
+    parser.add_argument("--data-path", default=None, help="folder with interactions.csv and items.csv")
+    parser.add_argument("--ca", default="ca.crt", help="CA certificate from the operator")
+    parser.add_argument("--key", default=None, help="this partner's private key (default: <platform>.key)")
+    parser.add_argument("--home", default="pollen-node", help="folder for cache, state and models")
+    parser.add_argument("--port", type=int, default=9094, help="local port of the SuperNode (one per node on a host)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    parser.add_argument("--device", default="", help="auto, cpu, cuda or cuda:N (default: the run's setting)")
+    parser.add_argument("--insecure", action="store_true", help="no TLS, no authentication (trials only)")
+    args = parser.parse_args(argv)
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    try:
+        command = supernode_command(args.superlink, args.platform, args.data_path, Path(args.home),
+                                    None if args.insecure else Path(args.ca),
+                                    None if args.insecure else Path(args.key or f"{args.platform}.key"),
+                                    args.port, args.threads, args.device)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print("starting:", " ".join(command), flush=True)
+    os.execve(command[0] if os.path.isabs(command[0]) else _which(command[0]), command, flower_env())
+
+
+def _which(name: str) -> str:
+    import shutil
+
+    found = shutil.which(name, path=flower_env()["PATH"])
+    if not found:
+        raise FileNotFoundError(f"{name} not found: install Pollen (pip install -e .) in this environment")
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The coordinator's side of a deployment, wrapping Flower's own commands (flower-superlink, flwr).
+
+    # operator, on the coordinator host: SuperLink with TLS + node authentication, partners' keys registered
+    python -m server.launch superlink --certs certs --partner-keys certs/partners --port 9092
+
+    # data scientist (and the operator's own machine): a named connection in $FLWR_HOME/config.toml
+    python -m server.launch connect --address coordinator.example.org:9092 --ca certs/ca.crt
+
+    # data scientist: submit the federation, follow its log, exit 1 unless it finished without error
+    python -m server.launch run --run-config 'num-rounds=10 run-dir="/srv/pollen/runs/first"'
+
+A run started on a run-dir that holds a checkpoint resumes after its last finished round (server/app.py).
+``--insecure`` (no TLS, no node authentication) exists for a quick local trial and says so loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common.processes import INSECURE_WARNING, flower_binary, flower_env, wait_for_port
+
+CONNECTION = "pollen"
+FINISHED = "finished"
+
+
+# -- the SuperLink ---------------------------------------------------------------------------------------
+def superlink_command(host: str, port: int, certs: Path | None, database: Path) -> list[str]:
+    """flower-superlink with TLS and SuperNode authentication (certs = None: insecure, no authentication)."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    command = [flower_binary("flower-superlink"), "--host", host, "--port", str(port),
+               "--database", str(database), "--disable-runtime-dependency-installation"]
+    if certs is None:
+        return command + ["--insecure"]
+    for name in ("ca.crt", "server.crt", "server.key"):
+        if not (certs / name).is_file():
+            raise FileNotFoundError(f"{certs / name} not found: make it with python -m server.certs --out {certs} "
+                                    "--host <coordinator host>")
+    return command + ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"),
+                      "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"]
+
+
+# -- the flwr CLI --------------------------------------------------------------------------------------
+def flwr(*args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    result = subprocess.run([flower_binary("flwr"), *args], capture_output=True, text=True, env=flower_env(),
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"flwr {' '.join(args)} failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")
+    return result
+
+
+def _json(result: subprocess.CompletedProcess) -> dict:
+    text = result.stdout
+    return json.loads(text[text.index("{"):])
+
+
+def write_connection(name: str, address: str, ca: Path | None) -> Path:
+    """``[superlink.NAME]`` in $FLWR_HOME/config.toml, written with Flower's own config code."""
+    from flwr.cli.flower_config import write_superlink_connection
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.supercore.utils import get_flwr_home
+
+    if ca is not None and not ca.is_file():
+        raise FileNotFoundError(f"CA certificate {ca} not found (the operator gives you ca.crt)")
+    write_superlink_connection(SuperLinkConnection(
+        name=name, address=address, root_certificates=str(ca.resolve()) if ca else None,
+        insecure=True if ca is None else None))
+    return get_flwr_home() / "config.toml"
+
+
+def register(public_key: Path, connection: str) -> str:
+    """Register a partner's public key; returns the node id (a key registered before keeps its id)."""
+    result = flwr("supernode", "register", str(public_key), connection, "--format", "json", check=False)
+    try:
+        payload = _json(result)
+    except ValueError:
+        payload = {}
+    if payload.get("success"):
+        return str(payload["node-id"])
+    known = [n for n in _json(flwr("supernode", "ls", connection, "--format", "json"))["nodes"]
+             if n.get("status") != "unregistered"]
+    if "already" in (result.stdout + result.stderr).lower() and known:
+        return "registered before"
+    raise RuntimeError(f"could not register {public_key}:\n{result.stdout}{result.stderr}")
+
+
+def node_statuses(connection: str) -> list[str]:
+    return [n["status"] for n in _json(flwr("supernode", "ls", connection, "--format", "json"))["nodes"]]
+
+
+def submit_run(app: Path, connection: str, run_config: str = "") -> int:
+    args = ["run", str(app), connection, "--format", "json"] + (["--run-config", run_config] if run_config else [])
+    payload = _json(flwr(*args))
+    if not payload.get("success"):
+        raise RuntimeError(f"flwr run was refused: {payload}")
+    return int(payload["run-id"])
+
+
+def run_info(connection: str, run_id: int) -> dict:
+    return _json(flwr("ls", connection, "--run-id", str(run_id), "--format", "json"))["runs"][0]
+
+
+def wait_run(connection: str, run_id: int, timeout: float, poll: float = 3.0) -> dict:
+    """Poll until the run is finished (``flwr run`` itself exits 0 even when the ServerApp failed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = run_info(connection, run_id)
+        if info["status"].startswith(FINISHED):
+            return info
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run {run_id} still {info['status']} after {timeout:.0f}s")
+        time.sleep(poll)
+
+
+# -- command line --------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if getattr(args, "insecure", False):
+        print(INSECURE_WARNING, file=sys.stderr)
+    return {"superlink": _superlink, "connect": _connect, "run": _run}[args.command](args)
+
+
+def _superlink(args: argparse.Namespace) -> int:
+    certs = None if args.insecure else Path(args.certs).resolve()
+    command = superlink_command(args.host, args.port, certs, Path(args.database).resolve())
+    print("starting:", " ".join(command), flush=True)
+    process = subprocess.Popen(command, env=flower_env())  # in the foreground: its log is this terminal
+    try:
+        wait_for_port("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, args.port, 60, process)
+        dial = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        write_connection(args.connection, f"{dial}:{args.port}", None if certs is None else certs / "ca.crt")
+        keys = sorted(Path(args.partner_keys).glob("*.pub")) if args.partner_keys else []
+        if certs is not None and not keys:
+            print(f"note: no *.pub in {args.partner_keys!r}: no SuperNode can join until you register one with "
+                  f"flwr supernode register KEY.pub {args.connection}", flush=True)
+        for key in keys if certs is not None else []:
+            print(f"registered {key.name}: node {register(key, args.connection)}", flush=True)
+        print(f"SuperLink ready on {args.host}:{args.port} (connection '{args.connection}' in $FLWR_HOME/config.toml)"
+              "; Ctrl-C stops it", flush=True)
+        return process.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(30)
+
+
+def _connect(args: argparse.Namespace) -> int:
+    path = write_connection(args.name, args.address, None if args.insecure else Path(args.ca))
+    print(f"connection '{args.name}' -> {args.address} written to {path}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    run_id = submit_run(Path(args.app).resolve(), args.connection, args.run_config)
+    print(f"run {run_id} submitted to '{args.connection}'; following its log", flush=True)
+    log = subprocess.Popen([flower_binary("flwr"), "log", str(run_id), args.connection, "--stream"],
+                           env=flower_env())
+    try:
+        info = wait_run(args.connection, run_id, args.timeout)
+    finally:
+        time.sleep(2)  # let the stream print the last lines
+        log.terminate()
+        log.wait()
+    print(f"run {run_id}: {info['status']} after {info['elapsed']}", flush=True)
+    return 0 if info["status"] == "finished:completed" else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m server.launch", description=__doc__.split("\n")[0],
+                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    link = commands.add_parser("superlink", help="operator: run the SuperLink (TLS + node authentication)")
+    link.add_argument("--certs", default="certs", help="folder with ca.crt, server.crt, server.key (server.certs)")
+    link.add_argument("--partner-keys", default="certs/partners", help="folder of partners' *.pub keys to register")
+    link.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    link.add_argument("--port", type=int, default=9092)
+    link.add_argument("--database", default="superlink/state.db",
+                      help="SuperLink state (registered nodes, runs); keep it so nodes keep their ids on restart")
+    link.add_argument("--connection", default=CONNECTION, help="name of the connection written for this machine")
+    link.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (trials only)")
+    connect = commands.add_parser("connect", help="data scientist: save the connection to the SuperLink")
+    connect.add_argument("--address", required=True, help="coordinator host:port")
+    connect.add_argument("--ca", default="certs/ca.crt", help="the CA certificate the operator gave you")
+    connect.add_argument("--name", default=CONNECTION)
+    connect.add_argument("--insecure", action="store_true", help="no TLS (only against an --insecure SuperLink)")
+    run = commands.add_parser("run", help="data scientist: start the federation and wait for its end")
+    run.add_argument("--connection", default=CONNECTION)
+    run.add_argument("--app", default=".", help="the Pollen project folder (default: the current one)")
+    run.add_argument("--run-config", default="", help="settings, e.g. 'num-rounds=10 run-dir=\"/abs/run\"'")
+    run.add_argument("--timeout", type=float, default=24 * 3600, help="give up waiting after this many seconds")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
