@@ -73,19 +73,15 @@ def write_connection(name: str, address: str, ca: Path | None) -> Path:
 
 
 def register(public_key: Path, connection: str) -> str:
-    """Register a partner's public key; returns the node id (a key registered before keeps its id)."""
+    """Register a partner's public key; returns the node id ("registered before" for a known key, which keeps
+    its id: the SuperLink's --database remembers it)."""
     result = flwr("supernode", "register", str(public_key), connection, "--format", "json", check=False)
-    try:
-        payload = _json(result)
-    except ValueError:
-        payload = {}
-    if payload.get("success"):
-        return str(payload["node-id"])
-    known = [n for n in _json(flwr("supernode", "ls", connection, "--format", "json"))["nodes"]
-             if n.get("status") != "unregistered"]
-    if "already" in (result.stdout + result.stderr).lower() and known:
+    if "already in use" in result.stdout + result.stderr:
         return "registered before"
-    raise RuntimeError(f"could not register {public_key}:\n{result.stdout}{result.stderr}")
+    payload = _json(result) if "{" in result.stdout else {}
+    if not payload.get("success"):
+        raise RuntimeError(f"could not register {public_key}:\n{result.stdout}{result.stderr}")
+    return str(payload["node-id"])
 
 
 def node_statuses(connection: str) -> list[str]:

@@ -32,6 +32,7 @@ class RunRecord:
 
     def add_failure(self, server_round: int, line: str) -> None:
         self.failures.setdefault(server_round, []).append(line)
+        self.save()  # an operator watching results.json sees it at once
 
     def add_evaluation(self, server_round: int, per_platform: dict[str, dict[str, float]]) -> None:
         now = time.perf_counter()

@@ -141,13 +141,16 @@ class LocalDeployment:
         return wait_run(self.connection, run_id, timeout)
 
 
-def start_costs(results: dict) -> dict[str, float]:
-    """Mean start cost per message over every train and evaluate reply after round 0 (first-process effects)."""
-    rows = [m for rnd, per in results["training"].items() for m in per.values()]
-    rows += [m for rnd, per in results["evaluations"].items() if int(rnd) > 0 for m in per.values()]
-    mean = lambda key: sum(r.get(key, 0.0) for r in rows) / max(1, len(rows))  # noqa: E731
-    return {"messages": len(rows), "process-seconds": mean("start-process-seconds"),
-            "build-seconds": mean("start-build-seconds")}
+def message_costs(results: dict) -> dict[str, float]:
+    """Mean seconds per message: its start (process + imports, building the session) against its work (training,
+    evaluation), over every train reply and every evaluation after round 0."""
+    train = [m for per in results["training"].values() for m in per.values()]
+    evaluate = [m for rnd, per in results["evaluations"].items() if int(rnd) > 0 for m in per.values()]
+    mean = lambda rows, key: sum(r.get(key, 0.0) for r in rows) / max(1, len(rows))  # noqa: E731
+    return {"messages": len(train) + len(evaluate),
+            "process-seconds": mean(train + evaluate, "start-process-seconds"),
+            "build-seconds": mean(train + evaluate, "start-build-seconds"),
+            "train-seconds": mean(train, "train-seconds"), "eval-seconds": mean(evaluate, "eval-seconds")}
 
 
 def main() -> None:
@@ -168,10 +171,9 @@ def main() -> None:
     print("\n".join(line for line in info["log"].splitlines() if line.startswith("round ")))
     results = json.loads((Path(config.federation.run_dir) / "results.json").read_text())
     summary["deployment"] = {"status": info["status"], "wall-seconds": info["wall-seconds"],
-                             "round-seconds": results["round_seconds"], "start-costs": start_costs(results)}
-    print(f"deployment: {info['status']} in {info['wall-seconds']:.0f}s wall; per message start "
-          f"{summary['deployment']['start-costs']['process-seconds']:.1f}s process + imports, "
-          f"{summary['deployment']['start-costs']['build-seconds']:.1f}s building the session")
+                             "round-seconds": results["round_seconds"], "per-message": message_costs(results)}
+    print(f"deployment: {info['status']} in {info['wall-seconds']:.0f}s wall; per message: "
+          + _costs(summary["deployment"]["per-message"]))
     if args.compare_simulation:
         from simulations.run import simulate
 
@@ -181,7 +183,9 @@ def main() -> None:
         sim_results = json.loads((record.run_dir / "results.json").read_text())
         summary["simulation"] = {"wall-seconds": time.perf_counter() - start,
                                  "round-seconds": sim_results["round_seconds"],
-                                 "start-costs": start_costs(sim_results)}
+                                 "per-message": message_costs(sim_results)}
+        print(f"simulation: {summary['simulation']['wall-seconds']:.0f}s wall; per message: "
+              + _costs(summary["simulation"]["per-message"]))
         trained = [r for r in results["round_seconds"] if int(r) > 0]
         for r in trained:
             d, s = results["round_seconds"][r], sim_results["round_seconds"][r]
@@ -190,6 +194,11 @@ def main() -> None:
     print(f"summary in {run_dir / 'deployment.json'}")
     if info["status"] != "finished:completed":
         sys.exit(1)
+
+
+def _costs(costs: dict[str, float]) -> str:
+    return (f"start {costs['process-seconds']:.1f}s process + imports, {costs['build-seconds']:.1f}s building; "
+            f"work {costs['train-seconds']:.1f}s training, {costs['eval-seconds']:.1f}s evaluating")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def test_dead_node_is_named_and_the_run_finishes(deployment, tiny_bert, tmp_path
         wait_for(lambda: checkpoint_round(run_dir) >= 1, 900, "the checkpoint of round 1")
         deployment.kill_node("video")  # round 2 has begun: the video partner's machine dies
         wait_for(lambda: "2" in results(run_dir).get("failures", {}), 300, "round 2 to report the dead node")
-        deployment.start_node("video")  # the partner comes back
+        deployment.start_node("video")  # the partner comes back while round 2 is evaluated
         info = deployment.wait(run_id, timeout=900)
         time.sleep(1.0)  # the stream's last lines
     finally:
