@@ -16,13 +16,16 @@ Each run keeps its best validation epoch (validation on its own training users).
 of training (per-epoch timestamps, validation included, item-state cache excluded) until a run's validation
 NDCG@10 on all users (100% runs) first reaches the local-only model's best validation NDCG@10. At 100% the
 test metrics are also given under Recformer's convention (history not masked, ties in the target's favour).
-Writes transfer.json, transfer.md and transfer.png into the run folder.
+Writes transfer.json, transfer.md and transfer.png into the run folder. ``--merge DIR DIR ...`` combines runs
+made by separate invocations (e.g. ``--starts federated`` and ``--starts pretrained,sasrec-id`` side by side) into
+one table, after checking they share target, epochs, fractions and model/training settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import time
 from pathlib import Path
 
@@ -106,6 +109,33 @@ def run_transfer(config: PollenConfig, target: str, adapter_path: str, fractions
     results["time-to-quality"] = time_to_quality(results["runs"])
     results["data-to-quality"] = data_to_quality(results["runs"])
     return results
+
+
+IGNORED_WHEN_MERGING = ("run-dir", "num-rounds", "threads")
+
+
+def merge(parts: list[dict]) -> dict:
+    """One result from several transfer.json of the same experiment (different starts)."""
+    first = parts[0]
+    for part in parts[1:]:
+        for key in ("target", "epochs", "fractions", "users", "items"):
+            if part[key] != first[key]:
+                raise ValueError(f"cannot merge: {key} differs ({part[key]!r} vs {first[key]!r})")
+        differ = sorted(k for k in first["config"] if k not in IGNORED_WHEN_MERGING
+                        and part["config"].get(k) != first["config"][k])
+        if differ:
+            raise ValueError(f"cannot merge: config differs in {differ}")
+    runs = sorted((r for p in parts for r in p["runs"]), key=lambda r: (-r["fraction"], STARTS.index(r["start"])))
+    out = {**first, "runs": runs, "merged-from": len(parts)}
+    starts = [r["start"] for r in out["runs"]]
+    for start in set(starts):
+        if len({r["fraction"] for r in out["runs"] if r["start"] == start}) != starts.count(start):
+            raise ValueError(f"cannot merge: start {start!r} appears in more than one part")
+    out["adapter"] = next((p["adapter"] for p in parts if "adapter" in p), None)
+    out["seconds"] = max(p.get("seconds", 0.0) for p in parts)
+    out["time-to-quality"] = time_to_quality(out["runs"])
+    out["data-to-quality"] = data_to_quality(out["runs"])
+    return out
 
 
 def _find(runs: list[dict], start: str, fraction: float) -> dict | None:
@@ -223,8 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10, help="epochs per run, the same for every start")
     parser.add_argument("--starts", default=",".join(STARTS), help="comma-separated subset of " + ", ".join(STARTS))
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="DIR",
+                        help="combine the transfer.json of these run folders into --run-dir instead of running")
     add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data"}))
     args = parser.parse_args(argv)
+    if args.merge:
+        run_dir = resolve_run_dir(args.run_dir or f"runs/transfer-{time.strftime('%Y%m%d-%H%M%S')}")
+        results = merge([json.loads((Path(d) / "transfer.json").read_text()) for d in args.merge])
+        return _write(results, run_dir)
     starts = tuple(s.strip() for s in args.starts.split(",") if s.strip())
     if args.epochs < 1 or not starts or set(starts) - set(STARTS):
         parser.error(f"--epochs must be >= 1 and --starts a subset of {STARTS}")
@@ -236,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     results = run_transfer(config, args.target, args.adapter, parse_fractions(args.fractions), args.epochs,
                            run_dir, args.cache_dir, starts)
     results["seconds"] = time.perf_counter() - begin
+    return _write(results, run_dir)
+
+
+def _write(results: dict, run_dir: Path) -> int:
     write_json(run_dir / "transfer.json", results)
     write_atomic(run_dir / "transfer.md", markdown(results))
     plot(results, run_dir / "transfer.png")

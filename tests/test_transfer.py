@@ -123,6 +123,18 @@ def test_transfer_runner_writes_table_curve_and_time_to_quality(tiny_bert, platf
     assert "| federated |" in table and "Recformer" in table and "Time-to-quality" in table
     assert (run_dir / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # the same runs made by two invocations (different starts) merge back into the same table
+    for name, keep in (("a", {"federated"}), ("b", {"pretrained", "sasrec-id"})):
+        part = {**results, "runs": [r for r in results["runs"] if r["start"] in keep]}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "transfer.json").write_text(json.dumps(part))
+    assert transfer.main(["--merge", str(tmp_path / "b"), str(tmp_path / "a"), "--run-dir",
+                          str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "transfer.json").read_text())
+    assert merged["runs"] == results["runs"] and merged["time-to-quality"] == results["time-to-quality"]
+    with pytest.raises(ValueError, match="appears in more than one part"):
+        transfer.merge([results, results])
+
 
 def test_fractions_are_parsed_as_percentages():
     assert transfer.parse_fractions("100,5, 10") == [0.05, 0.1, 1.0]
