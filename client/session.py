@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from client.export import export_model
+from common.aggregation import freeze_untravelled
 from common.config import PollenConfig
 from common.data.sources import load_split, platform_names
 from common.model.encoder import TextEncoder, cached_item_states
@@ -35,6 +36,7 @@ class ClientSession:
         states = cached_item_states(self.encoder, split.item_texts, cache_dir)
         model = Recommender(split, config, self.encoder, states).to(self.device)
         self.platform = Platform(split, model)
+        freeze_untravelled(self.encoder, config.privacy.aggregation)  # FFA-LoRA: A stays at the shared start
         self.trainer = Trainer([self.platform], self.encoder, config)
         self.best_valid = -1.0  # best validation NDCG@10 so far: the exported model
         self.fresh_state = self.checkpoint()  # what a node that never trained starts from
@@ -76,8 +78,9 @@ class ClientSession:
     def train(self) -> dict[str, float]:
         start = time.perf_counter()
         losses = [self.trainer.epoch()[self.name] for _ in range(self.config.train.local_epochs)]
-        return {"num-examples": float(self.trainer.num_sequences), "train-loss": losses[-1],
-                "train-seconds": time.perf_counter() - start}
+        metrics = {"num-examples": float(self.trainer.num_sequences), "train-loss": losses[-1],
+                   "train-seconds": time.perf_counter() - start}
+        return {**metrics, **(self.trainer.dp.metrics() if self.trainer.dp else {})}  # epsilon spent so far
 
     def evaluate(self, export_dir: str | None = None) -> dict[str, float]:
         """Validation and test metrics; a new best on validation is exported to ``export_dir/<platform>``."""
