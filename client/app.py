@@ -10,17 +10,20 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secagg
 from client.session import ClientSession, export_dir, state_root
 from client.state import NodeState
 from common.adapters import from_record, record_bytes, to_record
+from common.aggregation import merge_state, wire_state
 from common.config import FEDERATION_ID, SERVER_ROUND, PollenConfig
 
 app = ClientApp()
 
 
-def _open(msg: Message, context: Context, training: bool) -> tuple[ClientSession, PollenConfig, NodeState, int]:
+def _open(table: ConfigRecord, arrays: ArrayRecord, context: Context, training: bool
+          ) -> tuple[ClientSession, PollenConfig, NodeState, int]:
     """This node's session with the private state the round starts from and the received adapter loaded."""
-    table = dict(msg.content["config"])
+    table = dict(table)
     server_round = int(table.pop(SERVER_ROUND, 0))
     federation_id = str(table.pop(FEDERATION_ID, "default"))
     config = PollenConfig.from_flat(table)
@@ -28,32 +31,39 @@ def _open(msg: Message, context: Context, training: bool) -> tuple[ClientSession
     session = ClientSession.open(config, node_config)
     state = NodeState.open(state_root(config, node_config), federation_id, session.name, config)
     session.restore(state.load(up_to=server_round - 1 if training else server_round))
-    session.set_adapter(from_record(msg.content["arrays"]))
+    session.set_adapter(merge_state(session.encoder, from_record(arrays)))
     return session, config, state, server_round
 
 
-def _platform(session: ClientSession) -> ConfigRecord:
-    return ConfigRecord({"platform": session.name})
+def fit(table: ConfigRecord, arrays: ArrayRecord, context: Context) -> tuple[ArrayRecord, dict[str, float], str]:
+    """Local training from the global adapter ``arrays``: (adapter to send, scalar metrics, platform name)."""
+    session, config, state, server_round = _open(table, arrays, context, training=True)
+    metrics = {**session.start_costs(), **session.train()}
+    state.save(server_round, session.checkpoint())
+    reply = to_record(wire_state(session.encoder.adapter_state(), config.privacy.aggregation),
+                      config.federation.adapter_dtype)
+    metrics["upload-bytes"] = float(record_bytes(reply))
+    metrics["download-bytes"] = float(record_bytes(arrays))
+    return reply, metrics, session.name
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    session, config, state, server_round = _open(msg, context, training=True)
-    metrics = {**session.start_costs(), **session.train()}
-    state.save(server_round, session.checkpoint())
-    arrays = to_record(session.encoder.adapter_state(), config.federation.adapter_dtype)
-    metrics["upload-bytes"] = float(record_bytes(arrays))
-    metrics["download-bytes"] = float(record_bytes(msg.content["arrays"]))
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "platform": _platform(session)})
+    if secagg.is_secagg(msg):  # a stage of Flower's SecAgg+ protocol (config secagg = true)
+        return secagg.train(msg, context, fit)
+    arrays, metrics, name = fit(msg.content["config"], msg.content["arrays"], context)
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
+                          "platform": ConfigRecord({"platform": name})})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    session, config, state, server_round = _open(msg, context, training=False)
+    session, config, state, server_round = _open(msg.content["config"], msg.content["arrays"], context,
+                                                 training=False)
     trained = server_round > 0  # round 0 is the untrained start
     metrics = {**session.start_costs(),
                **session.evaluate(export_dir(config, dict(context.node_config)) if trained else None)}
     state.save(server_round, session.checkpoint())  # keeps the best validation score so far
-    content = RecordDict({"metrics": MetricRecord(metrics), "platform": _platform(session)})
+    content = RecordDict({"metrics": MetricRecord(metrics), "platform": ConfigRecord({"platform": session.name})})
     return Message(content=content, reply_to=msg)

@@ -21,6 +21,7 @@ import torch
 
 from client.export import export_model
 from client.state import training_settings
+from common.aggregation import freeze_untravelled
 from common.config import PollenConfig
 from common.data.sources import load_split, simulated_client
 from common.model.encoder import TextEncoder, cached_item_states
@@ -55,13 +56,14 @@ class ClientSession:
         self.config = config
         self.device = resolve_device(device)
         split = load_split(config.data, name, data_path, silo)
-        key = [vars(config.model), config.train.seed, str(self.device)]
+        key = [vars(config.model), config.privacy.aggregation, config.train.seed, str(self.device)]
         self.encoder, rng = _shared(["encoder", *key], lambda: _build_encoder(config, self.device))
         states = _shared(["states", *key, name, data_path, vars(config.data)],
                          lambda: cached_item_states(self.encoder, split.item_texts, cache_dir))
         torch.set_rng_state(rng)
         model = Recommender(split, config, self.encoder, states).to(self.device)
         self.platform = Platform(split, model)
+        freeze_untravelled(self.encoder, config.privacy.aggregation)  # FFA-LoRA: A stays at the shared start
         self.trainer = Trainer([self.platform], self.encoder, config)
         self.best_valid = -1.0  # best validation NDCG@10 so far: the exported model
         self.costs: dict[str, float] = {}  # start costs of the current message (see open)
@@ -112,8 +114,9 @@ class ClientSession:
     def train(self) -> dict[str, float]:
         start = time.perf_counter()
         losses = [self.trainer.epoch()[self.name] for _ in range(self.config.train.local_epochs)]
-        return {"num-examples": float(self.trainer.num_sequences), "train-loss": losses[-1],
-                "train-seconds": time.perf_counter() - start}
+        metrics = {"num-examples": float(self.trainer.num_sequences), "train-loss": losses[-1],
+                   "train-seconds": time.perf_counter() - start}
+        return {**metrics, **(self.trainer.dp.metrics() if self.trainer.dp else {})}  # epsilon spent so far
 
     def evaluate(self, export_dir: str | None = None) -> dict[str, float]:
         """Validation and test metrics; a new best on validation is exported to ``export_dir/<platform>``."""

@@ -77,6 +77,7 @@ class TrainConfig:
     seed: int = 42
     threads: int = 0                # torch threads; 0 = all cores of this process
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    max_steps: int = 0              # cap on optimiser steps per epoch (0 = the full epoch): a reduced, equal budget
 
 
 @dataclass
@@ -89,7 +90,44 @@ class FederationConfig:
     adapter_dtype: str = "float32"  # adapter on the wire, both directions: float32 | float16 (averaged in float32)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "federation": FederationConfig}
+@dataclass
+class PrivacyConfig:
+    """Secure aggregation, user-level DP-SGD, LoRA aggregation and the checks on updates (common/privacy.py)."""
+
+    secagg: bool = False            # Flower SecAgg+: the server only ever sees the masked sum of the adapters
+    aggregation: str = "fedavg"     # "fedavg": average A and B; "ffa": A frozen at its shared start, only B trained
+    aggregator: str = "mean"        # "mean" (weighted by training sequences), "median", "trimmed-mean" (per entry)
+    trim_ratio: float = 0.2         # fraction cut at each end by "trimmed-mean" (at least one when >= 3 replies)
+    update_norm_factor: float = 10.0  # reject an update (reply - global) whose norm > this x the round's median; 0 = off
+    max_update_norm: float = 0.0    # reject an update whose L2 norm exceeds this; 0 = off
+    dp_epsilon: float = 0.0         # user-level DP-SGD: target epsilon over all rounds (calibrates dp-noise); 0 = off
+    dp_noise: float = 0.0           # noise multiplier sigma when dp-epsilon = 0; both 0 = no DP
+    dp_clip: float = 1.0            # L2 bound on one user's gradient (adapter + head)
+    dp_delta: float = 0.0           # delta of the reported epsilon; 0 = 1 / training users of the platform
+    secagg_max_weight: float = 10000.0  # SecAgg+ weights = training sequences / this (keep >= the largest client)
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_epsilon > 0 or self.dp_noise > 0
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.aggregation in ("fedavg", "ffa"), "aggregation must be 'fedavg' or 'ffa'"),
+            (self.aggregator in ("mean", "median", "trimmed-mean"),
+             "aggregator must be 'mean', 'median' or 'trimmed-mean'"),
+            (0.0 <= self.trim_ratio < 0.5, "trim-ratio must be in [0, 0.5)"),
+            (self.update_norm_factor == 0 or self.update_norm_factor >= 1, "update-norm-factor must be 0 or >= 1"),
+            (self.max_update_norm >= 0, "max-update-norm must be >= 0"),
+            (self.dp_epsilon >= 0 and self.dp_noise >= 0, "dp-epsilon and dp-noise must be >= 0"),
+            (self.dp_clip > 0, "dp-clip must be > 0"),
+            (0.0 <= self.dp_delta < 1.0, "dp-delta must be in [0, 1)"),
+            (self.secagg_max_weight > 0, "secagg-max-weight must be > 0"),
+            (not (self.secagg and self.aggregator != "mean"), "secagg sums the updates: aggregator must be 'mean'"),
+        ]
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "federation": FederationConfig,
+            "privacy": PrivacyConfig}
 
 
 @dataclass
@@ -98,6 +136,7 @@ class PollenConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @classmethod
     def from_flat(cls, table: Mapping[str, Any]) -> "PollenConfig":
@@ -127,13 +166,14 @@ class PollenConfig:
             (self.model.rating_weight >= 0, "rating-weight must be >= 0"),
             (self.train.local_epochs >= 1, "local-epochs must be >= 1"),
             (self.train.batch_size >= 1, "batch-size must be >= 1"),
+            (self.train.max_steps >= 0, "max-steps must be >= 0"),
             (self.train.loss in ("softmax", "sampled"), "loss must be 'softmax' or 'sampled'"),
             (self.federation.num_rounds >= 1, "num-rounds must be >= 1"),
             (self.federation.min_clients >= 1, "min-clients must be >= 1"),
             (self.federation.adapter_dtype in ("float32", "float16"),
              "adapter-dtype must be 'float32' or 'float16' (numpy, Flower's array format, has no bfloat16)"),
             (self.data.clients_per_platform >= 1, "clients-per-platform must be >= 1"),
-        ]
+        ] + self.privacy.checks()
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"config: {message}")

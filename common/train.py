@@ -43,7 +43,7 @@ def training_pairs(split: SplitData, max_len: int) -> tuple[torch.Tensor, torch.
     Every training item is predicted once per epoch, however long the history; SASRec's usual "last 50 only"
     would throw away most of a long history.
     """
-    windows = [w for seq in split.train_sequences() for w in _windows(seq, max_len)]
+    windows = [w for _, w in _windows(split.train_sequences(), max_len)]
     inputs = pad_left([w[:-1] for w in windows], max_len)
     targets = pad_left([w[1:] for w in windows], max_len)
     return inputs, targets
@@ -51,12 +51,19 @@ def training_pairs(split: SplitData, max_len: int) -> tuple[torch.Tensor, torch.
 
 def rating_targets(split: SplitData, max_len: int) -> torch.Tensor:
     """The explicit ratings of training_pairs' targets [S, L] (NaN = unrated or padding)."""
-    windows = [w for r in split.train_ratings() for w in _windows(r, max_len)]
+    windows = [w for _, w in _windows(split.train_ratings(), max_len)]
     return pad_left([w[1:] for w in windows], max_len, fill=np.nan, dtype=np.float32)
 
 
-def _windows(seq: np.ndarray, max_len: int) -> list[np.ndarray]:
-    return [seq[max(0, end - max_len - 1):end] for end in range(len(seq), 1, -max_len)]
+def window_owners(split: SplitData, max_len: int) -> np.ndarray:
+    """The user of each training window, in ``training_pairs`` order (the unit of user-level DP)."""
+    return np.array([user for user, _ in _windows(split.train_sequences(), max_len)], dtype=np.int64)
+
+
+def _windows(sequences, max_len: int):
+    for user, seq in enumerate(sequences):
+        for end in range(len(seq), 1, -max_len):
+            yield user, seq[max(0, end - max_len - 1):end]
 
 
 class Trainer:
@@ -75,6 +82,13 @@ class Trainer:
         self.rng = np.random.default_rng(self.config.seed)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.device = next(platforms[0].model.head.parameters()).device
+        self.dp = None  # user-level DP-SGD (common/privacy.py) when the privacy config asks for it
+        if config.privacy.dp:
+            if len(platforms) != 1:
+                raise ValueError("user-level DP trains one platform per Trainer (a client)")
+            from common.privacy import UserLevelDP
+
+            self.dp = UserLevelDP(window_owners(platforms[0].split, self.max_len), config)
 
     @property
     def num_sequences(self) -> int:
@@ -82,10 +96,14 @@ class Trainer:
 
     def epoch(self) -> dict[str, float]:
         """One pass over every platform's training sequences; returns the mean loss per platform."""
+        if self.dp is not None:
+            return self._private_epoch()
         batch = self.config.batch_size
         plan = [(i, idx) for i, (inputs, _) in enumerate(self.pairs)
                 for idx in np.array_split(self.rng.permutation(len(inputs)), max(1, -(-len(inputs) // batch)))]
         self.rng.shuffle(plan)
+        if self.config.max_steps:
+            plan = plan[:self.config.max_steps]
         for p in self.platforms:
             p.model.train()
             p.model.refresh_text_table()
@@ -106,25 +124,56 @@ class Trainer:
             p.model.eval()
         return {self.platforms[i].split.name: float(np.mean(v)) if v else float("nan") for i, v in losses.items()}
 
-    def _live_items(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-        """A random sample of the batch's distinct items to re-encode with gradient this step."""
-        if self.encoder is None or not self.encoder.lora_parameters() or self.config.live_items <= 0:
+    def _private_epoch(self) -> dict[str, float]:
+        """User-level DP-SGD: about one pass over the users (1/q steps of Poisson-sampled users), one clipped
+        gradient per user from a micro-batch of all that user's windows, Gaussian noise, one AdamW step."""
+        platform, (all_inputs, all_targets) = self.platforms[0], self.pairs[0]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        platform.model.train()
+        platform.model.refresh_text_table()
+        losses = []
+        for _ in range(self.dp.steps_per_epoch):
+            total = [torch.zeros_like(p) for p in params]
+            for windows in self.dp.sample(self.rng):
+                index = torch.as_tensor(windows)
+                inputs, targets = all_inputs[index].to(self.device), all_targets[index].to(self.device)
+                live = self._live_items(inputs, targets, self.dp.live_items_per_user)
+                loss = platform.model.loss(inputs, targets, live, self.config.loss, self.config.negatives,
+                                           self.generator)
+                self.dp.add_clipped(total, torch.autograd.grad(loss, params, allow_unused=True))
+                losses.append(loss.item())
+            self.optimizer.zero_grad(set_to_none=True)
+            self.dp.set_noisy_grads(params, total)
+            self.optimizer.step()
+            if self.encoder is not None:
+                self.encoder.version += 1
+        platform.model.eval()
+        return {platform.split.name: float(np.mean(losses)) if losses else float("nan")}
+
+    def _live_items(self, inputs: torch.Tensor, targets: torch.Tensor, count: int | None = None
+                    ) -> torch.Tensor | None:
+        """A random sample of ``count`` (default live-items) of the batch's distinct items to re-encode with
+        gradient this step."""
+        count = self.config.live_items if count is None else count
+        if self.encoder is None or not self.encoder.lora_parameters() or count <= 0:
             return None
         items = torch.unique(torch.cat([inputs.flatten(), targets.flatten()]).cpu())
         items = items[items > 0]
-        if len(items) > self.config.live_items:
-            items = items[torch.randperm(len(items), generator=self.generator)[:self.config.live_items]]
+        if len(items) > count:
+            items = items[torch.randperm(len(items), generator=self.generator)[:count]]
         return items
 
     # -- persistence between federated rounds ------------------------------------------------------
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state,
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "dp": self.dp.state_dict() if self.dp else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
         self.generator.set_state(state["generator"])
+        if self.dp is not None and state.get("dp"):
+            self.dp.load_state_dict(state["dp"])
 
 
 @dataclass

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.adapters import from_record, record_bytes, signature, to_record
+from common.aggregation import merge_state, wire_state
 from common.config import FEDERATION_ID, PollenConfig
 from common.files import replace_dir
 from common.model.encoder import TextEncoder
@@ -38,13 +39,13 @@ def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
     initial = encoder.adapter_state()
     if not initial:
         raise ValueError("config: a federation needs text = true and lora-layers >= 1 (there is no adapter to share)")
-    fed = config.federation
+    fed, wire = config.federation, config.federation.adapter_dtype
+    shared = wire_state(initial, config.privacy.aggregation)  # FFA: only B travels
     record = RunRecord(run_dir, config.to_flat(), fed.num_rounds, log)
-    wire = fed.adapter_dtype
-    record.adapter_bytes = record_bytes(to_record(initial, wire))
-    strategy = AdapterFedAvg(signature(initial, wire), fed.min_clients,
+    record.adapter_bytes = record_bytes(to_record(shared, wire))
+    strategy = AdapterFedAvg(signature(shared, wire), fed.min_clients,
                              on_aggregate=lambda rnd, arrays, training: record.add_training(rnd, training),
-                             on_evaluate=record.add_evaluation, wire_dtype=wire)
+                             on_evaluate=record.add_evaluation, wire_dtype=wire, privacy=config.privacy)
     loop = RoundLoop(grid, strategy, fed, log, on_failure=record.add_failure)
     saved = load_checkpoint(run_dir)
     if saved:
@@ -55,18 +56,25 @@ def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
         loop.names.update(saved.nodes)
         log(f"Pollen federation: resuming from the checkpoint of round {saved.round} in {run_dir}")
     else:
-        arrays, first_round, federation_id = to_record(initial, wire), 0, new_federation_id()
+        arrays, first_round, federation_id = to_record(shared, wire), 0, new_federation_id()
         log(f"Pollen federation: {fed.num_rounds} rounds, adapter {record.adapter_bytes / 1024:.0f} KiB, "
             f"run folder {run_dir}")
 
     def end_round(server_round: int, arrays: ArrayRecord) -> None:
-        encoder.load_adapter_state(from_record(arrays))
+        encoder.load_adapter_state(merge_state(encoder, from_record(arrays)))
         replace_dir(run_dir / "adapter", encoder.save_adapter)  # the latest global adapter, PEFT format
         save_checkpoint(run_dir, Checkpoint(server_round, arrays, federation_id, strategy.state_dict(),
                                             record.state(), config.to_flat(), loop.names))
 
     # the clients get the flat config plus the federation id, under which they keep their private state
-    loop.run(arrays, ConfigRecord({**config.to_flat(), FEDERATION_ID: federation_id}), first_round, end_round)
+    flat = ConfigRecord({**config.to_flat(), FEDERATION_ID: federation_id})
+    if config.privacy.secagg:  # training rounds through Flower's SecAgg+ workflow: the server sees only the sum
+        from server.secagg import SecAggTraining
+
+        with SecAggTraining(grid, strategy, config, flat) as secure:
+            loop.run(arrays, flat, first_round, end_round, train=secure.round)
+    else:
+        loop.run(arrays, flat, first_round, end_round)
     record.save()
     return record
 

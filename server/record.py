@@ -42,6 +42,10 @@ class RunRecord:
         shown = "  ".join(f"{name} {m.get(SHOWN, float('nan')):.4f}" for name, m in sorted(per_platform.items()))
         upload = [m.get("upload-bytes", 0) for m in self.training.get(server_round, {}).values()]
         extra = f"  upload {max(upload) / 1024:.0f} KiB/client" if upload else ""
+        epsilon = {n: m["dp-epsilon"] for n, m in sorted(self.training.get(server_round, {}).items())
+                   if "dp-epsilon" in m}
+        if epsilon:  # user-level DP spent so far per platform (opacus RDP accountant, at each client's delta)
+            extra += "  epsilon: " + " ".join(f"{n} {e:.2f}" for n, e in epsilon.items())
         self.log(f"round {server_round}/{self.num_rounds}  test NDCG@10: {shown}{extra}  "
                  f"({self.round_seconds[server_round]:.0f}s)")
         self.save()

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from common.config import FederationConfig
 
 Log = Callable[[str], None]
+Train = Callable[[int, ArrayRecord, ConfigRecord], "ArrayRecord | None"]
 
 
 class RoundLoop:
@@ -29,12 +30,13 @@ class RoundLoop:
         self.names: dict[int, str] = {}  # node id -> platform, learned from replies, to name failed nodes
 
     def run(self, arrays: ArrayRecord, config: ConfigRecord, first_round: int,
-            end_round: Callable[[int, ArrayRecord], None]) -> ArrayRecord:
+            end_round: Callable[[int, ArrayRecord], None], train: Train | None = None) -> ArrayRecord:
+        """Rounds ``first_round``..num-rounds; ``train`` replaces the plain training step (SecAgg+)."""
+        train = train or self.train
         for rnd in range(first_round, self.federation.num_rounds + 1):
             if rnd > 0:
                 self.wait_for_nodes(rnd)
-                replies = self.exchange(rnd, "train", self.strategy.configure_train(rnd, arrays, config, self.grid))
-                aggregated, _ = self.strategy.aggregate_train(rnd, replies)
+                aggregated = train(rnd, arrays, config)
                 if aggregated is None:
                     self.log(f"round {rnd}: nothing aggregated; the global adapter stays as it was")
                 else:
@@ -43,6 +45,11 @@ class RoundLoop:
             self.strategy.aggregate_evaluate(rnd, replies)
             end_round(rnd, arrays)
         return arrays
+
+    def train(self, rnd: int, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord | None:
+        """Send the global adapter to every node, aggregate the replies (None: nothing to aggregate)."""
+        replies = self.exchange(rnd, "train", self.strategy.configure_train(rnd, arrays, config, self.grid))
+        return self.strategy.aggregate_train(rnd, replies)[0]
 
     def wait_for_nodes(self, rnd: int) -> None:
         """Flower's sampling waits forever for min-clients nodes; give up after round-timeout with a clear error."""

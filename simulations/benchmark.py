@@ -32,6 +32,10 @@ from common.train import Platform, fit
 from server.app import resolve_run_dir
 
 METHODS = ("popularity", "zero-shot", "federated", "sasrec-id", "local-only", "centralised")
+# Pollen's federation with privacy / aggregation settings changed (not run by default; name them in --methods)
+FEDERATED_VARIANTS = {"federated-ffa": {"aggregation": "ffa"},
+                      "federated-dp-eps1": {"dp-epsilon": 1.0}, "federated-dp-eps4": {"dp-epsilon": 4.0},
+                      "federated-dp-eps8": {"dp-epsilon": 8.0}}
 SHOWN = ("ndcg@10", "ndcg@20", "hr@10", "hr@20", "mrr", "precision@10", "recall@10", "f1@10")
 
 
@@ -94,17 +98,23 @@ def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str
             r = fit(build_platforms(splits, config, cache_dir, encoder), encoder, config, budget, log=log,
                     label="[centralised] ")
             record(method, r.test, time.perf_counter() - start, best_epoch=r.best_epoch)
-        elif method == "federated":
+        elif method == "federated" or method in FEDERATED_VARIANTS:
             from simulations.run import simulate
 
-            run = simulate(config.replace(**{"run-dir": str(Path(config.federation.run_dir) / "federation")}))
+            folder = "federation" if method == "federated" else method
+            run = simulate(config.replace(**FEDERATED_VARIANTS.get(method, {}),
+                                          **{"run-dir": str(Path(config.federation.run_dir) / folder)}))
             chosen = run.selected()
             upload = {name: per[name]["upload-bytes"] for per in run.training.values() for name in per}
+            last = run.training[max(run.training)]
+            epsilon = {name: m["dp-epsilon"] for name, m in last.items() if "dp-epsilon" in m}
             record(method, {n: c["test"] for n, c in chosen.items()}, time.perf_counter() - start,
-                   best_epoch={n: c["round"] for n, c in chosen.items()},
-                   upload_bytes_per_client_per_round=upload, round_seconds=run.round_seconds)
+                   best_epoch={n: c["round"] for n, c in chosen.items()}, settings=FEDERATED_VARIANTS.get(method, {}),
+                   upload_bytes_per_client_per_round=upload, round_seconds=run.round_seconds,
+                   **({"dp_epsilon_spent": epsilon, "dp_noise": {n: m["dp-noise"] for n, m in last.items()}}
+                      if epsilon else {}))
         else:
-            raise ValueError(f"unknown method {method!r}; expected some of {METHODS}")
+            raise ValueError(f"unknown method {method!r}; expected some of {METHODS + tuple(FEDERATED_VARIANTS)}")
         write_json(Path(config.federation.run_dir) / "benchmark.json", results)  # partial results survive a crash
     full = TextEncoder(config.model)
     results["full_model_bytes"] = full.base_model_bytes()
@@ -128,6 +138,12 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {name} | " + " | ".join(f"{t.get(c, float('nan')):.4f}" for c in cols)
                              + f" | {m['seconds']:.0f} |")
         lines.append("")
+    private = {name: m for name, m in methods.items() if "dp_epsilon_spent" in m}
+    if private:
+        lines += ["### User-level DP (epsilon spent at the end, per platform; delta = 1 / training users)", ""]
+        lines += [f"- {name}: " + ", ".join(f"{p} epsilon {e:.2f} (sigma {m['dp_noise'][p]:.2f})"
+                                            for p, e in sorted(m["dp_epsilon_spent"].items()))
+                  for name, m in private.items()] + [""]
     fed = methods.get("federated")
     if fed:
         per = fed["upload_bytes_per_client_per_round"]
@@ -140,7 +156,8 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(
+        METHODS + tuple(FEDERATED_VARIANTS)))
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
     add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data", "num-rounds": 10}))
     args = parser.parse_args()

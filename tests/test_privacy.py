@@ -1,0 +1,115 @@
+"""User-level DP-SGD in the one Trainer (opacus accountant) and exact LoRA aggregation (FFA-LoRA), tiny BERT."""
+
+import numpy as np
+import pytest
+import torch
+
+from common.aggregation import freeze_untravelled, wire_state
+from common.config import PollenConfig
+from common.data.split import leave_one_out
+from common.data.synthetic import SyntheticConfig, generate
+from common.model.encoder import TextEncoder
+from common.model.recommender import Recommender
+from common.train import Platform, Trainer, training_pairs, window_owners
+
+
+@pytest.fixture(scope="module")
+def split():
+    return leave_one_out(generate(SyntheticConfig())[2])  # the smallest platform keeps the test fast
+
+
+def build(split, tiny_bert, **flat):
+    config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "batch-size": 16, "max-steps": 3,
+                                       **flat})
+    torch.manual_seed(0)
+    encoder = TextEncoder(config.model, seed=0)  # the shared start of every party; "seed" varies the training
+    freeze_untravelled(encoder, config.privacy.aggregation)
+    platform = Platform(split, Recommender(split, config, encoder))
+    return Trainer([platform], encoder, config), encoder, config
+
+
+def test_window_owners_follow_training_pairs(split):
+    inputs, targets = training_pairs(split, max_len=5)
+    owners = window_owners(split, max_len=5)
+    assert len(owners) == len(inputs) and np.all(np.diff(owners) >= 0)
+    for user in np.unique(owners)[:20]:  # a user's windows hold only that user's training items
+        items = set(split.train_sequences()[user].tolist())
+        assert set(targets[owners == user].flatten().tolist()) - {0} <= items
+
+
+def test_dp_epsilon_is_opacus_rdp_and_grows_per_epoch(split, tiny_bert):
+    from opacus.accountants import RDPAccountant
+
+    trainer, _, config = build(split, tiny_bert, **{"dp-noise": 1.1, "dp-clip": 0.5})
+    dp = trainer.dp
+    assert dp.num_users == len(np.unique(window_owners(split, config.data.max_len)))
+    assert dp.delta == pytest.approx(1 / dp.num_users)
+    spent = []
+    for _ in range(2):
+        loss = trainer.epoch()[split.name]
+        assert np.isfinite(loss)
+        spent.append(trainer.dp.metrics()["dp-epsilon"])
+    reference = RDPAccountant()
+    reference.history = [(1.1, dp.sample_rate, 2 * dp.steps_per_epoch)]
+    assert spent[0] < spent[1] == pytest.approx(reference.get_epsilon(dp.delta))
+    restored, _, _ = build(split, tiny_bert, **{"dp-noise": 1.1, "dp-clip": 0.5})
+    restored.load_state_dict(trainer.state_dict())  # the accountant travels with the trainer between rounds
+    assert restored.dp.epsilon() == pytest.approx(spent[1])
+
+
+def test_target_epsilon_calibrates_the_noise_over_the_planned_rounds(split, tiny_bert):
+    trainer, _, config = build(split, tiny_bert, **{"dp-epsilon": 2.0, "num-rounds": 2})
+    assert trainer.dp.noise > 0.3
+    for _ in range(config.federation.num_rounds * config.train.local_epochs):
+        trainer.epoch()
+    assert trainer.dp.epsilon() == pytest.approx(2.0, abs=0.05)
+
+
+def test_one_user_moves_the_summed_gradient_by_at_most_the_clip(split, tiny_bert):
+    """User-level sensitivity: adding any one user's clipped gradient changes the sum by <= dp-clip."""
+    trainer, _, _ = build(split, tiny_bert, **{"dp-noise": 1.0, "dp-clip": 0.05})
+    model = trainer.platforms[0].model
+    model.train()
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    inputs, targets = trainer.pairs[0]
+    total = [torch.zeros_like(p) for p in params]
+    norms = []
+    for windows in trainer.dp.users[:6]:
+        before = [t.clone() for t in total]
+        index = torch.as_tensor(windows)
+        loss = model.loss(inputs[index], targets[index], trainer._live_items(inputs[index], targets[index], 1))
+        norms.append(trainer.dp.add_clipped(total, torch.autograd.grad(loss, params, allow_unused=True)))
+        change = torch.sqrt(sum((t - b).pow(2).sum() for t, b in zip(total, before)))
+        assert change <= 0.05 * (1 + 1e-5)
+    assert max(norms) > 0.05  # the bound was active: clipping did something
+
+
+def test_dp_trains_adapter_and_head(split, tiny_bert):
+    trainer, encoder, _ = build(split, tiny_bert, **{"dp-noise": 0.5})
+    head = trainer.platforms[0].model.private_state()
+    adapter = encoder.adapter_state()
+    trainer.epoch()
+    assert any(not torch.equal(v, encoder.adapter_state()[k]) for k, v in adapter.items())
+    assert any(not torch.equal(v, trainer.platforms[0].model.private_state()[k]) for k, v in head.items())
+
+
+def test_ffa_trains_only_b_and_averaging_b_is_exact(split, tiny_bert):
+    """FFA: A stays at the seeded start every party shares, so mean(B) A == mean(B A); FedAvg of A and B is not."""
+    states = {}
+    for aggregation in ("ffa", "fedavg"):
+        for seed in (1, 2):
+            trainer, encoder, _ = build(split, tiny_bert, **{"aggregation": aggregation, "seed": seed})
+            start = encoder.adapter_state()
+            trainer.epoch()
+            states[aggregation, seed] = encoder.adapter_state()
+            changed = {k for k, v in start.items() if not torch.equal(v, states[aggregation, seed][k])}
+            travelling = set(wire_state(start, aggregation))
+            assert changed == travelling if aggregation == "ffa" else changed == set(start)
+    for aggregation, exact in (("ffa", True), ("fedavg", False)):
+        one, two = states[aggregation, 1], states[aggregation, 2]
+        for a_key in (k for k in one if "lora_A" in k):
+            b_key = a_key.replace("lora_A", "lora_B")
+            mean_of_products = (one[b_key] @ one[a_key] + two[b_key] @ two[a_key]) / 2
+            product_of_means = ((one[b_key] + two[b_key]) / 2) @ ((one[a_key] + two[a_key]) / 2)
+            assert torch.allclose(mean_of_products, product_of_means, atol=1e-7) == exact
+    assert set(wire_state(states["ffa", 1], "ffa")) == {k for k in states["ffa", 1] if "lora_B" in k}
