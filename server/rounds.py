@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from common.config import FederationConfig
 
@@ -22,7 +23,7 @@ Log = Callable[[str], None]
 
 
 class RoundLoop:
-    def __init__(self, grid: Grid, strategy, federation: FederationConfig, log: Log = print,
+    def __init__(self, grid: Grid, strategy: Strategy, federation: FederationConfig, log: Log = print,
                  on_failure: Callable[[int, str], None] = lambda r, line: None, poll_seconds: float = 1.0):
         self.grid, self.strategy, self.federation = grid, strategy, federation
         self.log, self.on_failure, self.poll_seconds = log, on_failure, poll_seconds
@@ -31,8 +32,8 @@ class RoundLoop:
     def run(self, arrays: ArrayRecord, config: ConfigRecord, first_round: int,
             end_round: Callable[[int, ArrayRecord], None]) -> ArrayRecord:
         for rnd in range(first_round, self.federation.num_rounds + 1):
+            self.wait_for_nodes(rnd)
             if rnd > 0:
-                self.wait_for_nodes(rnd)
                 replies = self.exchange(rnd, "train", self.strategy.configure_train(rnd, arrays, config, self.grid))
                 aggregated, _ = self.strategy.aggregate_train(rnd, replies)
                 if aggregated is None:
@@ -50,8 +51,9 @@ class RoundLoop:
         deadline = time.monotonic() + timeout
         while (connected := len(list(self.grid.get_node_ids()))) < need:
             if time.monotonic() > deadline:
+                kept = f"; the checkpoint of round {rnd - 1} is kept: run again to resume" if rnd > 0 else ""
                 raise RuntimeError(f"round {rnd}: {connected} node(s) connected after {timeout:.0f}s, min-clients "
-                                   f"is {need}; the checkpoint of round {rnd - 1} is kept: restart to resume")
+                                   f"is {need}{kept}")
             time.sleep(self.poll_seconds)
 
     def exchange(self, rnd: int, phase: str, messages: Iterable[Message]) -> list[Message]:
