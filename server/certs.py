@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -97,8 +98,11 @@ def _general_name(host: str) -> x509.GeneralName:
 
 def _write_key(path: Path, private: ec.EllipticCurvePrivateKey, form: serialization.PrivateFormat) -> None:
     data = private.private_bytes(serialization.Encoding.PEM, form, serialization.NoEncryption())
-    write_atomic(path, data)
-    path.chmod(0o600)
+    umask = os.umask(0o077)  # readable by the owner only, from the first byte
+    try:
+        write_atomic(path, data)
+    finally:
+        os.umask(umask)
 
 
 def main(argv: list[str] | None = None) -> int:

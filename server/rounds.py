@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from common.config import FederationConfig
 
@@ -23,7 +24,7 @@ Train = Callable[[int, ArrayRecord, ConfigRecord], "ArrayRecord | None"]
 
 
 class RoundLoop:
-    def __init__(self, grid: Grid, strategy, federation: FederationConfig, log: Log = print,
+    def __init__(self, grid: Grid, strategy: Strategy, federation: FederationConfig, log: Log = print,
                  on_failure: Callable[[int, str], None] = lambda r, line: None, poll_seconds: float = 1.0):
         self.grid, self.strategy, self.federation = grid, strategy, federation
         self.log, self.on_failure, self.poll_seconds = log, on_failure, poll_seconds
@@ -34,8 +35,8 @@ class RoundLoop:
         """Rounds ``first_round``..num-rounds; ``train`` replaces the plain training step (SecAgg+)."""
         train = train or self.train
         for rnd in range(first_round, self.federation.num_rounds + 1):
+            self.wait_for_nodes(rnd)
             if rnd > 0:
-                self.wait_for_nodes(rnd)
                 aggregated = train(rnd, arrays, config)
                 if aggregated is None:
                     self.log(f"round {rnd}: nothing aggregated; the global adapter stays as it was")
@@ -57,8 +58,9 @@ class RoundLoop:
         deadline = time.monotonic() + timeout
         while (connected := len(list(self.grid.get_node_ids()))) < need:
             if time.monotonic() > deadline:
+                kept = f"; the checkpoint of round {rnd - 1} is kept: run again to resume" if rnd > 0 else ""
                 raise RuntimeError(f"round {rnd}: {connected} node(s) connected after {timeout:.0f}s, min-clients "
-                                   f"is {need}; the checkpoint of round {rnd - 1} is kept: restart to resume")
+                                   f"is {need}{kept}")
             time.sleep(self.poll_seconds)
 
     def exchange(self, rnd: int, phase: str, messages: Iterable[Message]) -> list[Message]:
