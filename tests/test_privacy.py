@@ -113,3 +113,16 @@ def test_ffa_trains_only_b_and_averaging_b_is_exact(split, tiny_bert):
             product_of_means = ((one[b_key] + two[b_key]) / 2) @ ((one[a_key] + two[a_key]) / 2)
             assert torch.allclose(mean_of_products, product_of_means, atol=1e-7) == exact
     assert set(wire_state(states["ffa", 1], "ffa")) == {k for k in states["ffa", 1] if "lora_B" in k}
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"aggregation": "svd"}, "aggregation must be 'fedavg' or 'ffa'"),
+    ({"aggregator": "mode"}, "aggregator must be 'mean', 'median' or 'trimmed-mean'"),
+    ({"secagg": True, "aggregator": "median"}, "secagg sums the updates: aggregator must be 'mean'"),
+    ({"dp-clip": 0.0}, "dp-clip must be > 0"),
+    ({"dp-epsilon": -1.0}, "dp-epsilon and dp-noise must be >= 0"),
+    ({"update-norm-factor": 0.5}, "update-norm-factor must be 0 or >= 1"),
+])
+def test_bad_privacy_settings_are_named(table, message):
+    with pytest.raises(ValueError, match="config: " + message.replace("(", r"\(").replace(")", r"\)")):
+        PollenConfig.from_flat(table)
