@@ -89,7 +89,8 @@ def run_transfer(config: PollenConfig, target: str, adapter_path: str, fractions
     if "federated" in starts:
         adapter_path, results["adapter"] = federated_adapter(config, adapter_path, run_dir, log)
         adapter = read_adapter(adapter_path)
-    for fraction in sorted(fractions, reverse=True):  # 100% first: an interrupted run keeps the headline
+    # the largest fraction first (the local-only reference), then the cheap small ones: an interrupted run keeps the most
+    for fraction in sorted(fractions, key=lambda f: (f != max(fractions), f)):
         for start in starts:
             run_config = config.replace(**{"text": False}) if start == "sasrec-id" else config
             label = f"[{start} {fraction:.0%}] "
