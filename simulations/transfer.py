@@ -126,7 +126,9 @@ def merge(parts: list[dict]) -> dict:
                         and part["config"].get(k) != first["config"][k])
         if differ:
             raise ValueError(f"cannot merge: config differs in {differ}")
-    runs = sorted((r for p in parts for r in p["runs"]), key=lambda r: (-r["fraction"], STARTS.index(r["start"])))
+    top = max(first["fractions"])
+    runs = sorted((r for p in parts for r in p["runs"]),
+                  key=lambda r: (r["fraction"] != top, r["fraction"], STARTS.index(r["start"])))  # the run order
     out = {**first, "runs": runs, "merged-from": len(parts)}
     starts = [r["start"] for r in out["runs"]]
     for start in set(starts):
