@@ -226,7 +226,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for start in dict.fromkeys(r["start"] for r in results["runs"]):
-        runs = [r for r in results["runs"] if r["start"] == start]
+        runs = sorted((r for r in results["runs"] if r["start"] == start), key=lambda r: r["fraction"])
         left.plot([100 * r["fraction"] for r in runs], [r["test"]["ndcg@10"] for r in runs], marker="o", label=start)
         full = _find(results["runs"], start, 1.0)
         if full:
