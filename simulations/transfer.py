@@ -89,7 +89,8 @@ def run_transfer(config: PollenConfig, target: str, adapter_path: str, fractions
     if "federated" in starts:
         adapter_path, results["adapter"] = federated_adapter(config, adapter_path, run_dir, log)
         adapter = read_adapter(adapter_path)
-    for fraction in sorted(fractions, reverse=True):  # 100% first: an interrupted run keeps the headline
+    # the largest fraction first (the local-only reference), then the cheap small ones: an interrupted run keeps the most
+    for fraction in sorted(fractions, key=lambda f: (f != max(fractions), f)):
         for start in starts:
             run_config = config.replace(**{"text": False}) if start == "sasrec-id" else config
             label = f"[{start} {fraction:.0%}] "
@@ -125,7 +126,9 @@ def merge(parts: list[dict]) -> dict:
                         and part["config"].get(k) != first["config"][k])
         if differ:
             raise ValueError(f"cannot merge: config differs in {differ}")
-    runs = sorted((r for p in parts for r in p["runs"]), key=lambda r: (-r["fraction"], STARTS.index(r["start"])))
+    top = max(first["fractions"])
+    runs = sorted((r for p in parts for r in p["runs"]),
+                  key=lambda r: (r["fraction"] != top, r["fraction"], STARTS.index(r["start"])))  # the run order
     out = {**first, "runs": runs, "merged-from": len(parts)}
     starts = [r["start"] for r in out["runs"]]
     for start in set(starts):
@@ -223,7 +226,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for start in dict.fromkeys(r["start"] for r in results["runs"]):
-        runs = [r for r in results["runs"] if r["start"] == start]
+        runs = sorted((r for r in results["runs"] if r["start"] == start), key=lambda r: r["fraction"])
         left.plot([100 * r["fraction"] for r in runs], [r["test"]["ndcg@10"] for r in runs], marker="o", label=start)
         full = _find(results["runs"], start, 1.0)
         if full:
