@@ -11,9 +11,6 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 
-WIRE_DTYPES = ("float32", "float16")  # numpy (Flower's array format) has no bfloat16: see the README
-
-
 def to_record(state: dict[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
     """The adapter as it travels, cast to the wire dtype ``adapter-dtype`` (both directions use it)."""
     wire = getattr(torch, dtype)
