@@ -83,7 +83,7 @@ def test_unregistered_node_is_refused(deployment, tmp_path):
     key, _ = make_partner_key(tmp_path, "intruder")  # a valid key pair the operator never registered
     intruder = deployment.start_node("video", key=key, label="intruder")
     try:
-        intruder.wait(timeout=120)
+        intruder.wait(timeout=300)
     finally:
         stop_process(intruder)
     log = (deployment.workdir / "logs" / "supernode-intruder.log").read_text()
