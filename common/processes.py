@@ -64,6 +64,13 @@ def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, grace: fl
     process.wait()
 
 
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def _descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
