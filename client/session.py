@@ -97,8 +97,10 @@ class ClientSession:
     # -- private state ---------------------------------------------------------------------------
     def checkpoint(self) -> bytes:
         buffer = io.BytesIO()
+        # torch's global RNG too (the head's dropout draws from it): a platform's random stream then continues
+        # across messages whichever process serves them, in simulation (shared actors) and deployment alike
         torch.save({"head": self.platform.model.private_state(), "trainer": self.trainer.state_dict(),
-                    "best-valid": self.best_valid}, buffer)
+                    "best-valid": self.best_valid, "torch-rng": torch.get_rng_state()}, buffer)
         return buffer.getvalue()
 
     def restore(self, checkpoint: bytes | None) -> None:
@@ -106,6 +108,7 @@ class ClientSession:
         self.platform.model.head.load_state_dict(state["head"])
         self.trainer.load_state_dict(state["trainer"])
         self.best_valid = state["best-valid"]
+        torch.set_rng_state(state["torch-rng"])
 
     # -- the work of one message -----------------------------------------------------------------
     def set_adapter(self, state: dict[str, torch.Tensor]) -> None:

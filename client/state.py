@@ -20,7 +20,7 @@ from pathlib import Path
 from common.config import FederationConfig, PollenConfig
 from common.files import write_atomic
 
-VERSION = 1
+VERSION = 2  # 2: the state holds torch's global RNG
 KEEP = 2
 _FILE = re.compile(r"round-(\d+)\.pt$")
 

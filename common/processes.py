@@ -1,5 +1,6 @@
 """Starting and stopping Flower's processes the same way everywhere: this venv's binaries, Flower's offline
-environment, one process group per process (so stopping a SuperLink or SuperNode also stops the apps it spawned).
+environment, one process group per process, and stopping means the whole process tree (a SuperLink or SuperNode
+and the apps it spawned).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 INSECURE_WARNING = ("WARNING: --insecure: no TLS and no node authentication. Anyone who can reach this port can "
                     "join the federation and read the adapter. Use it only for a trial on one machine.")
@@ -40,14 +43,24 @@ def start_process(command: list[str], log_file: Path, cwd: Path | None = None) -
 
 
 def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
-    """Signal the whole process group; SIGKILL whatever is left after ``grace`` seconds."""
+    """Signal the process group; SIGKILL whatever of the process tree is left after ``grace`` seconds.
+
+    The tree is collected first: Flower's SuperLink and SuperNode start their SuperExec (which starts the apps)
+    in a session of its own, out of reach of the group's signal.
+    """
+    tree = _descendants(process.pid)
     if process.poll() is None:
         _signal_group(process, sig)
         try:
             process.wait(grace)
         except subprocess.TimeoutExpired:
             pass
-    _signal_group(process, signal.SIGKILL)  # apps the leader spawned may outlive it
+    _signal_group(process, signal.SIGKILL)
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
     process.wait()
 
 
@@ -56,6 +69,13 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         os.killpg(process.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:

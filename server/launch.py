@@ -101,10 +101,14 @@ def run_info(connection: str, run_id: int) -> dict:
 
 
 def wait_run(connection: str, run_id: int, timeout: float, poll: float = 3.0) -> dict:
-    """Poll until the run is finished (``flwr run`` itself exits 0 even when the ServerApp failed)."""
+    """Poll until the run is finished (``flwr run`` itself exits 0 even when the ServerApp failed). A poll that
+    fails (the SuperLink too busy to answer in time, or restarting) is retried until ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
-        info = run_info(connection, run_id)
+        try:
+            info = run_info(connection, run_id)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            info = {"status": f"unknown ({str(error).splitlines()[0]})"}
         if info["status"].startswith(FINISHED):
             return info
         if time.monotonic() > deadline:

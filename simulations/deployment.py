@@ -109,9 +109,16 @@ class LocalDeployment:
     def kill_node(self, name: str) -> None:
         stop_process(self.nodes.pop(name), signal.SIGKILL)
 
-    def wait_online(self, count: int, timeout: float = 120.0) -> None:
+    def wait_online(self, count: int, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
-        while (online := node_statuses(self.connection).count("online")) < count:
+        online = 0
+        while True:
+            try:
+                online = node_statuses(self.connection).count("online")
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pass  # the SuperLink is busy or restarting: ask again
+            if online >= count:
+                return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{online} of {count} SuperNodes online after {timeout:.0f}s; see "
                                    f"{self.workdir / 'logs'}")

@@ -83,7 +83,7 @@ def test_unregistered_node_is_refused(deployment, tmp_path):
     key, _ = make_partner_key(tmp_path, "intruder")  # a valid key pair the operator never registered
     intruder = deployment.start_node("video", key=key, label="intruder")
     try:
-        intruder.wait(timeout=120)
+        intruder.wait(timeout=300)
     finally:
         stop_process(intruder)
     log = (deployment.workdir / "logs" / "supernode-intruder.log").read_text()
@@ -140,3 +140,16 @@ def test_dead_node_is_named_and_the_run_finishes(deployment, tiny_bert, tmp_path
     assert sorted(record["training"]["2"]) == ["ecommerce", "social"]  # aggregated without it
     assert record["rounds_completed"] == 3 and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(record["training"]["3"]) == PLATFORMS  # it rejoined
+
+
+def test_simulation_computes_the_same_federation(uninterrupted, tiny_bert, tmp_path):
+    """One code path: Flower's simulation engine, same settings, ends with the same global adapter and scores."""
+    from common.config import PollenConfig
+    from simulations.run import simulate
+
+    _, reference = uninterrupted
+    simulate(PollenConfig.from_flat(settings(tiny_bert, tmp_path)))
+    simulated = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    deployed = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
+    for key in deployed:
+        assert torch.equal(simulated[key], deployed[key]), key
