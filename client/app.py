@@ -1,7 +1,8 @@
 """Pollen's Flower ClientApp: receive the global adapter, train or evaluate locally, reply with adapter + metrics.
 
 The reply holds the adapter tensors, scalar metrics and the platform's name; the head, the item table and
-every interaction stay on the node.
+every interaction stay on the node. Under ``aggregation = "ffa"`` only the LoRA B tensors travel; under
+``secagg = true`` training messages are SecAgg+ stages handled by client/secagg.py around the same ``fit``.
 """
 
 from __future__ import annotations
