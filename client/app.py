@@ -3,6 +3,8 @@
 The reply holds the adapter tensors, scalar metrics and the platform's name; the head, the item table and
 every interaction stay on the node. The private state a round starts from is read from the node's disk
 (client/state.py), so any process, in any Flower run of the same federation, continues where the last one left.
+Under ``aggregation = "ffa"`` only the LoRA B tensors travel; under ``secagg = true`` training messages are
+SecAgg+ stages handled by client/secagg.py around the same ``fit``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ def split():
 
 
 def build(split, tiny_bert, **flat):
-    config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "batch-size": 16, "max-steps": 3,
+    config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "batch-size": 8, "max-steps": 2,
                                        **flat})
     torch.manual_seed(0)
     encoder = TextEncoder(config.model, seed=0)  # the shared start of every party; "seed" varies the training
