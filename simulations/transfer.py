@@ -17,8 +17,8 @@ of training (per-epoch timestamps, validation included, item-state cache exclude
 NDCG@10 on all users (100% runs) first reaches the local-only model's best validation NDCG@10. At 100% the
 test metrics are also given under Recformer's convention (history not masked, ties in the target's favour).
 Writes transfer.json, transfer.md and transfer.png into the run folder. ``--merge DIR DIR ...`` combines runs
-made by separate invocations (e.g. ``--starts federated`` and ``--starts pretrained,sasrec-id`` side by side) into
-one table, after checking they share target, epochs, fractions and model/training settings.
+made by separate invocations (e.g. ``--starts federated`` and ``--starts pretrained,sasrec-id`` side by side, or
+different ``--fractions``) into one table, after checking they share target, epochs and model/training settings.
 """
 
 from __future__ import annotations
@@ -119,17 +119,18 @@ def merge(parts: list[dict]) -> dict:
     """One result from several transfer.json of the same experiment (different starts)."""
     first = parts[0]
     for part in parts[1:]:
-        for key in ("target", "epochs", "fractions", "users", "items"):
+        for key in ("target", "epochs", "users", "items"):
             if part[key] != first[key]:
                 raise ValueError(f"cannot merge: {key} differs ({part[key]!r} vs {first[key]!r})")
         differ = sorted(k for k in first["config"] if k not in IGNORED_WHEN_MERGING
                         and part["config"].get(k) != first["config"][k])
         if differ:
             raise ValueError(f"cannot merge: config differs in {differ}")
-    top = max(first["fractions"])
+    fractions = sorted({f for p in parts for f in p["fractions"]})
+    top = max(fractions)
     runs = sorted((r for p in parts for r in p["runs"]),
                   key=lambda r: (r["fraction"] != top, r["fraction"], STARTS.index(r["start"])))  # the run order
-    out = {**first, "runs": runs, "merged-from": len(parts)}
+    out = {**first, "fractions": fractions, "runs": runs, "merged-from": len(parts)}
     starts = [r["start"] for r in out["runs"]]
     for start in set(starts):
         if len({r["fraction"] for r in out["runs"] if r["start"] == start}) != starts.count(start):
