@@ -85,6 +85,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[1].plot(clients, [r["peak_pss_sum_gib"] for r in rows], "o-", label="summed PSS")
     axes[1].plot(clients, [r["peak_rss_sum_gib"] for r in rows], "o--", label="summed RSS")
     axes[1].set_ylabel("peak memory of the process tree (GiB)")
+    axes[1].set_ylim(bottom=0)
     axes[1].legend()
     for name in rows[0]["test_ndcg@10_at_last_round"]:
         axes[2].plot(clients, [r["test_ndcg@10_at_last_round"][name] for r in rows], "o-", label=name)

@@ -155,7 +155,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--naive-steps", type=int, default=3, help="timed baseline training steps per platform")
     parser.add_argument("--naive-batch", type=int, default=4, help="sequences per baseline step")
-    parser.add_argument("--naive-texts", type=int, default=512, help="texts the baseline encodes (inference)")
+    parser.add_argument("--naive-texts", type=int, default=512,
+                        help="texts the baseline encodes (inference): a fixed random sample of every platform's")
     parser.add_argument("--reps", type=int, default=2, help="encoding repetitions (the best counts)")
     parser.add_argument("--cpus", type=int, default=None, help="cores for the one-round simulation (default all)")
     parser.add_argument("--skip-round", action="store_true", help="do not run the one-round simulation")
@@ -198,15 +199,17 @@ def main() -> None:
     cold = [cold[0] + warm[0], cold[1] + warm[1]]  # cold = bottom + top
     texts = [t for s in splits for t in s.item_texts]
     all_lengths = np.concatenate([lengths[s.name][1:] for s in splits])
-    naive_texts = texts[:args.naive_texts]
+    sample = np.sort(np.random.default_rng(0).permutation(len(texts))[:args.naive_texts])  # all platforms
+    naive_texts = [texts[i] for i in sample]
     with PeakMemory(interval=0.1, pss=False) as mem_naive_encode, torch.no_grad():
         _, naive_wall, naive_cpu = timed(lambda: naive_encode(encoder, naive_texts), args.reps)
     n = len(texts)
     full = encoder_flops(shape, all_lengths, "all")
     top = encoder_flops(shape, all_lengths, "top")
-    naive_tokens = [int(all_lengths[i:i + 32].max()) for i in range(0, len(naive_texts), 32)
+    naive_lengths = all_lengths[sample]
+    naive_tokens = [int(naive_lengths[i:i + 32].max()) for i in range(0, len(naive_texts), 32)
                     for _ in range(i, min(i + 32, len(naive_texts)))]
-    naive_useful = encoder_flops(shape, all_lengths[:len(naive_texts)], "all")
+    naive_useful = encoder_flops(shape, naive_lengths, "all")
     enc = {"texts": n, "mean_tokens": float(all_lengths.mean()), "max_tokens": int(all_lengths.max()),
            "flops_per_text_full_model": full / n, "flops_per_text_top_layers": top / n,
            "naive_texts_per_s": rates(len(naive_texts), naive_wall, naive_cpu),
