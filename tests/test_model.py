@@ -95,7 +95,7 @@ def test_sampled_negative_loss_trains(tiny_bert):
 
 
 def test_client_private_state_survives_a_new_process_session(tiny_bert, tmp_path):
-    """What a node keeps in Context.state (head, optimiser, RNG) restores exactly into a fresh session."""
+    """What a node keeps on its disk between messages (head, optimiser, RNG) restores exactly into a fresh session."""
     from client.session import ClientSession
 
     config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "batch-size": 32})
