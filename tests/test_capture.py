@@ -14,15 +14,13 @@ import cloudpickle
 import numpy as np
 import pytest
 from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 
 from client import app as pollen_client
 from common.adapters import signature
 from common.config import PollenConfig
 from common.data.sources import platform_names
 from common.model.encoder import TextEncoder
-from server.app import run_federation
+from simulated import simulate
 
 pytestmark = pytest.mark.integration
 
@@ -59,17 +57,8 @@ def captured(tiny_bert, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("capture")
     config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "num-rounds": 2,
                                        "run-dir": str(run_dir), "round-timeout": 600.0, "dp-noise": 1.0})
-    seen = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid, context):
-        seen["record"] = run_federation(grid, config, log=lambda line: seen.setdefault("log", []).append(line))
-
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
-    assert "record" in seen, "the ServerApp did not finish"
+    record, _, log = simulate(config, client_app)
+    seen = {"record": record, "log": log}
     entries = [pickle.loads(p.read_bytes()) for p in sorted((run_dir / "captured").glob("*.pkl"))]
     return config, seen, entries
 

@@ -9,33 +9,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import sys
 
 import cloudpickle
 from flwr.app import Array
 from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 
 from client import app as pollen_client
 from common.config import PollenConfig
-from server.app import run_federation
-
-
-class RecordingGrid:
-    """Pass-through Grid that keeps every reply."""
-
-    def __init__(self, grid):
-        self.grid, self.replies = grid, []
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        self.replies.extend(replies)
-        return replies
-
-    def __getattr__(self, name):
-        return getattr(self.grid, name)
+from simulated import simulate
 
 
 HOSTILE_PLATFORM, HOSTILE_ROUND = "video", 2
@@ -69,20 +51,8 @@ def federation(tiny_bert, tmp_path_factory):
     # min-clients 2: round 2 aggregates the two honest updates once the hostile one is rejected
     config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "num-rounds": 2, "min-clients": 2,
                                        "batch-size": 64, "run-dir": str(run_dir), "round-timeout": 600.0})
-    seen = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid, context):
-        recording = RecordingGrid(grid)
-        seen["record"] = run_federation(recording, config, log=lambda line: None)
-        seen["replies"] = recording.replies
-
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
-    assert "record" in seen, "the ServerApp did not finish"
-    return config, seen["record"], seen["replies"], run_dir
+    record, replies, _ = simulate(config, client_app)
+    return config, record, replies, run_dir
 
 
 def test_only_adapter_tensors_and_scalars_leave_clients(federation):

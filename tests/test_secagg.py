@@ -15,31 +15,14 @@ import numpy as np
 import pytest
 from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 
 from client import app as pollen_client
 from client import secagg as client_secagg
 from common.config import PollenConfig
-from server.app import run_federation
 from server.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE
+from simulated import simulate
 
 pytestmark = pytest.mark.integration
-
-
-class RecordingGrid:
-    """Pass-through Grid that keeps every reply."""
-
-    def __init__(self, grid):
-        self.grid, self.replies = grid, []
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        self.replies.extend(replies)
-        return replies
-
-    def __getattr__(self, name):
-        return getattr(self.grid, name)
 
 
 def recording_fit(table, arrays, context):
@@ -73,21 +56,9 @@ def secure_run(tiny_bert, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("secagg")
     config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "num-rounds": 1,
                                        "run-dir": str(run_dir), "round-timeout": 600.0, "secagg": True})
-    seen = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid, context):
-        recording = RecordingGrid(grid)
-        seen["record"] = run_federation(recording, config, log=lambda line: None)
-        seen["replies"] = recording.replies
-
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
-    assert "record" in seen, "the ServerApp did not finish"
+    record, replies, _ = simulate(config, client_app)
     plain = {path.stem.split("-round")[0]: dict(np.load(path)) for path in (run_dir / "plain").glob("*.npz")}
-    return config, seen["record"], seen["replies"], plain, run_dir
+    return config, record, replies, plain, run_dir
 
 
 def test_aggregate_is_the_weighted_mean_within_quantisation_error(secure_run):

@@ -112,30 +112,15 @@ def test_flop_formula_matches_torch_flop_counter(tiny_bert):
 @pytest.mark.integration
 def test_simulation_with_two_silos_per_platform_and_float16_adapters(tiny_bert, tmp_path):
     """A real Flower simulation: 6 clients (2 silos x 3 platforms), float16 on the wire, averaged in float32."""
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
     from safetensors.torch import load_file
 
     from client.app import app as client_app
-    from server.app import run_federation
-    from test_federation import RecordingGrid
+    from simulated import simulate
 
     config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "num-rounds": 1,
                                        "clients-per-platform": 2, "adapter-dtype": "float16",
                                        "run-dir": str(tmp_path), "round-timeout": 600.0})
-    seen = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid, context):
-        recording = RecordingGrid(grid)
-        seen["record"] = run_federation(recording, config, log=lambda line: None)
-        seen["replies"] = recording.replies
-
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=6,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
-    record, replies = seen["record"], seen["replies"]
+    record, replies, _ = simulate(config, client_app, num_supernodes=6)
     names = client_names(config.data)
     assert sorted(record.evaluations[1]) == sorted(names)
     train = [r for r in replies if r.metadata.message_type.endswith("train")]
