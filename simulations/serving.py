@@ -22,7 +22,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ import numpy as np
 
 from common.config import PollenConfig, add_flags, from_args
 from common.files import write_json
+from common.processes import free_port
 from common.runtime import configure_threads, default_cache_dir
 
 K = 10
@@ -42,9 +42,7 @@ class Service:
     """``python -m client.serve http`` in a subprocess on a free local port; stopped on exit."""
 
     def __init__(self, model: str | Path, threads: int = 1, startup_timeout: float = 120.0):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "client.serve", "http", "--model", str(model), "--host", "127.0.0.1",
              "--port", str(self.port), "--threads", str(threads), "--log-level", "warning"],
