@@ -84,6 +84,19 @@ def test_training_lowers_loss_and_updates_adapter_and_head(tiny_bert):
     assert scores.shape == (1, split.num_items + 1)
 
 
+def test_a_new_model_scores_without_dropout(tiny_bert):
+    """Found by the GPU check: a model built for evaluation (round 0, or each message of a deployed node, which
+    builds its session anew) scored with the head's dropout on, so two evaluations of one model disagreed."""
+    config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "dropout": 0.5})
+    split = leave_one_out(generate(SyntheticConfig())[0])
+    model = Recommender(split, config, TextEncoder(config.model))
+    histories = split.eval_inputs("valid")[0][:16]
+    assert not model.training and torch.equal(model.score(histories), model.score(histories))
+    Trainer([Platform(split, model)], model.encoder, config.replace(**{"max-steps": 1})).epoch()
+    assert not model.training  # an epoch switches dropout on for itself only
+    assert torch.equal(model.score(histories), model.score(histories))
+
+
 def test_sampled_negative_loss_trains(tiny_bert):
     config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 1, "loss": "sampled",
                                        "negatives": 16, "batch-size": 32})

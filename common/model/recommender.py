@@ -38,6 +38,7 @@ class Recommender(nn.Module):
                 self.head.rating_offset.fill_(float(np.nanmean(rated)))
         self._text_table: torch.Tensor | None = None
         self._table_version = -1
+        self.eval()  # built for scoring: dropout is on only inside a training epoch (common/train.py)
 
     # -- catalogue ---------------------------------------------------------------------------------
     def refresh_text_table(self) -> None:
