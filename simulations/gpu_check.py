@@ -68,13 +68,13 @@ def run_on(device: str, config: PollenConfig, name: str, epochs: int, cache_dir:
     return out, scores
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", default="cpu,cuda", help="comma-separated torch devices to compare")
     parser.add_argument("--epochs", type=int, default=2, help="local epochs on each device")
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
     add_flags(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     config = from_args(args).replace(**{"local-epochs": 1})
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     if any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():

@@ -139,3 +139,18 @@ def test_simulation_with_two_silos_per_platform_and_float16_adapters(tiny_bert, 
         got = saved[key.replace(".default", "")].numpy()
         assert got.dtype == np.float32 and np.array_equal(got, got.astype(np.float16))  # sent as float16
         assert np.allclose(got, expected, rtol=2e-3, atol=1e-7), key
+
+
+def test_device_check_runs_the_client_session_twice_from_one_start(tiny_bert, tmp_path):
+    """simulations.gpu_check on two CPU sessions (no GPU here): same start adapter and head, identical round-0
+    scores, and the figures it reports are written."""
+    import json
+
+    from simulations.gpu_check import main
+
+    main(["--devices", "cpu,cpu", "--epochs", "1", "--max-steps", "2", "--base-model", tiny_bert, "--lora-layers",
+          "1", "--threads", "1", "--run-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["agree"] and result["round-0-score-difference"] == 0.0 and result["round-0-top10-overlap"] == 1.0
+    assert [r["device"] for r in result["runs"]] == ["cpu", "cpu"]
+    assert all(len(r["epochs"]) == 1 and r["epochs"][0]["seconds"] > 0 for r in result["runs"])
