@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,4 +35,13 @@ def replace_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def resolve_run_dir(run_dir: str, kind: str = "") -> Path:
+    """The run folder, created and absolute: ``run_dir``, else runs/<kind->time (kind names the driver)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(run_dir) if run_dir else Path("runs") / (f"{kind}-{stamp}" if kind else stamp)
+    path = path.resolve()
+    path.mkdir(parents=True, exist_ok=True)
     return path

@@ -5,8 +5,6 @@ A ServerApp started on a run folder that holds a checkpoint resumes after its la
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -14,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.adapters import from_record, record_bytes, signature, to_record
 from common.aggregation import merge_state, wire_state
 from common.config import FEDERATION_ID, PollenConfig
-from common.files import replace_dir
+from common.files import replace_dir, resolve_run_dir
 from common.model.encoder import TextEncoder
 from common.runtime import configure_threads
 from server.checkpoint import Checkpoint, check_resumable, load_checkpoint, new_federation_id, save_checkpoint
@@ -79,8 +77,3 @@ def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
     return record
 
 
-def resolve_run_dir(run_dir: str) -> Path:
-    path = Path(run_dir) if run_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    path = path.resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -24,12 +24,11 @@ from common.config import PollenConfig, add_flags, from_args
 from common.data.sources import load_split, platform_names
 from common.data.split import SplitData
 from common.evaluate import evaluate
-from common.files import write_atomic, write_json
+from common.files import resolve_run_dir, write_atomic, write_json
 from common.model.encoder import TextEncoder, cached_item_states
 from common.model.recommender import Recommender
 from common.runtime import configure_threads, default_cache_dir
 from common.train import Platform, fit
-from server.app import resolve_run_dir
 
 METHODS = ("popularity", "zero-shot", "federated", "sasrec-id", "local-only", "centralised")
 # Pollen's federation with privacy / aggregation settings changed (not run by default; name them in --methods)
@@ -163,8 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     config = from_args(args)
     configure_threads(config.train.threads)
-    config = config.replace(**{"run-dir": str(resolve_run_dir(config.federation.run_dir or
-                                                             f"runs/benchmark-{time.strftime('%Y%m%d-%H%M%S')}"))})
+    config = config.replace(**{"run-dir": str(resolve_run_dir(config.federation.run_dir, "benchmark"))})
     start = time.perf_counter()
     results = run_benchmark(config, tuple(m.strip() for m in args.methods.split(",") if m.strip()), args.cache_dir)
     results["seconds"] = time.perf_counter() - start

@@ -7,15 +7,15 @@ runs once per device (--devices, default cpu,cuda) with the same config and seed
 devices hold the same weights and data, so their scores for the first validation users must agree up to float
 rounding; a larger difference is a device bug. (Metrics are compared too but need not match: where an untrained
 model scores many items almost alike, rounding reorders near-ties. After training starts, dropout draws from
-each device's own random stream, so the trajectories part.) Prints per device the build, epoch and evaluation seconds, losses, NDCG@10 and peak GPU
-memory, and the GPU/CPU time ratios. With --dp-epsilon the user-level DP path runs. Writes gpu_check.json.
+each device's own random stream, so the trajectories part.) Prints per device the build, epoch and evaluation
+seconds, losses, NDCG@10 and peak GPU memory, and the GPU/CPU time ratios. With --dp-epsilon the user-level DP
+path runs. Writes gpu_check.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from common import runtime  # noqa: F401  (offline mode before transformers loads)
 
@@ -23,7 +23,7 @@ import torch
 
 from common.config import PollenConfig, add_flags, from_args
 from common.data.sources import platform_names
-from common.files import write_json
+from common.files import resolve_run_dir, write_json
 from common.runtime import configure_threads, default_cache_dir
 
 AGREEMENT = 1e-2  # largest round-0 score difference accepted between devices, relative to the scores' spread
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
               f"test {r['test-ndcg@10']:.4f}" + ratio)
     print(f"round-0 scores agree across devices: {result['agree']} (largest difference {disagreement:.1e} of the "
           f"scores' standard deviation; top-10 overlap {overlap:.1%}; {len(scores[0])} validation users)")
-    run_dir = Path(config.federation.run_dir or f"runs/gpu-check-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = resolve_run_dir(config.federation.run_dir, "gpu-check")
     write_json(run_dir / "gpu_check.json", result)
     print(f"written to {run_dir / 'gpu_check.json'}")
     if not result["agree"]:

@@ -21,9 +21,8 @@ from common.baselines import mean_rating_rater
 from common.config import PollenConfig, add_flags, from_args
 from common.data.sources import load_split
 from common.evaluate import rating_metrics
-from common.files import write_atomic, write_json
+from common.files import resolve_run_dir, write_atomic, write_json
 from common.runtime import configure_threads, default_cache_dir
-from server.app import resolve_run_dir
 
 SHOWN = ("rmse", "mae", "ndcg@10", "hr@10", "mrr")
 
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 1 or config.model.rating_weight <= 0:
         parser.error("--epochs must be >= 1 and --rating-weight > 0")
     configure_threads(config.train.threads)
-    run_dir = resolve_run_dir(config.federation.run_dir or f"runs/ratings-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = resolve_run_dir(config.federation.run_dir, "ratings")
     config = config.replace(**{"run-dir": str(run_dir)})
     start = time.perf_counter()
     results = run_ratings(config, args.target, args.epochs, args.cache_dir)

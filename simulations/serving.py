@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import PollenConfig, add_flags, from_args
-from common.files import write_json
+from common.files import resolve_run_dir, write_json
 from common.processes import free_port
 from common.runtime import configure_threads, default_cache_dir
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency needs positive integers; --requests and --epochs must be >= 1")
     config = from_args(args)
     threads = configure_threads(config.train.threads)
-    run_dir = Path(config.federation.run_dir or f"runs/serving-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    run_dir = resolve_run_dir(config.federation.run_dir, "serving")
     from common.data.sources import load_split
 
     name = Path(args.target).name

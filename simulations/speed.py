@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from common.config import PollenConfig, add_flags, from_args
 from common.data.sources import load_split, platform_names
-from common.files import write_json
+from common.files import resolve_run_dir, write_json
 from common.model.encoder import TextEncoder
 from common.model.recommender import Recommender
 from common.runtime import configure_threads
@@ -163,7 +163,7 @@ def main() -> None:
     add_flags(parser, PollenConfig().replace(threads=1, **{"num-rounds": 1}))
     args = parser.parse_args()
     config = from_args(args)
-    run_dir = Path(config.federation.run_dir or f"runs/speed-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    run_dir = resolve_run_dir(config.federation.run_dir, "speed")
     run_dir.mkdir(parents=True, exist_ok=True)
     threads = configure_threads(config.train.threads)
     out: dict = {"threads": threads, "config": config.to_flat(), "platforms": {},

@@ -31,9 +31,8 @@ from pathlib import Path
 
 from common.config import PollenConfig, add_flags, from_args
 from common.data.sources import load_split
-from common.files import write_atomic, write_json
+from common.files import resolve_run_dir, write_atomic, write_json
 from common.runtime import configure_threads, default_cache_dir
-from server.app import resolve_run_dir
 
 STARTS = ("federated", "pretrained", "sasrec-id")
 FRACTIONS = "5,10,25,50,100"
@@ -262,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data"}))
     args = parser.parse_args(argv)
     if args.merge:
-        run_dir = resolve_run_dir(args.run_dir or f"runs/transfer-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = resolve_run_dir(args.run_dir, "transfer")
         results = merge([json.loads((Path(d) / "transfer.json").read_text()) for d in args.merge])
         return _write(results, run_dir)
     starts = tuple(s.strip() for s in args.starts.split(",") if s.strip())
@@ -270,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--epochs must be >= 1 and --starts a subset of {STARTS}")
     config = from_args(args)
     configure_threads(config.train.threads)
-    run_dir = resolve_run_dir(config.federation.run_dir or f"runs/transfer-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = resolve_run_dir(config.federation.run_dir, "transfer")
     config = config.replace(**{"run-dir": str(run_dir)})
     begin = time.perf_counter()
     results = run_transfer(config, args.target, args.adapter, parse_fractions(args.fractions), args.epochs,
