@@ -38,7 +38,7 @@ from common.config import PollenConfig, add_flags, from_args
 from common.data.sources import load_split
 from common.data.split import SplitData
 from common.evaluate import evaluate
-from common.model.encoder import TextEncoder, cached_item_states
+from common.model.encoder import SHARED_FILE, TextEncoder, cached_item_states
 from common.model.recommender import Recommender
 from common.runtime import configure_threads, default_cache_dir
 from common.train import FitResult, Log, Platform, fit
@@ -47,13 +47,15 @@ ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a PEFT adapter folder (what the server writes to RUN/adapter after every round)."""
+    """The tensors of an adapter folder (what the server writes to RUN/adapter after every round)."""
     path = Path(folder)
-    file = path / ADAPTER_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"adapter {folder}: expected a PEFT folder holding {ADAPTER_FILE} "
+    if path.is_file():
+        return load_file(path)
+    state = TextEncoder.read_adapter(path) if path.is_dir() else {}
+    if not state:
+        raise FileNotFoundError(f"adapter {folder}: expected a folder holding {ADAPTER_FILE} and/or {SHARED_FILE} "
                                 "(the federation writes one to RUN/adapter)")
-    return load_file(file)
+    return state
 
 
 def user_order(num_users: int, seed: int) -> np.ndarray:
@@ -89,7 +91,7 @@ def adapt(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tenso
     torch.manual_seed(config.train.seed)
     encoder = None
     if config.model.text:
-        encoder = TextEncoder(config.model, seed=config.train.seed)
+        encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len)
         if adapter is not None:
             encoder.load_adapter_state(adapter)
     elif adapter is not None:
@@ -100,9 +102,22 @@ def adapt(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tenso
     return Adapted(platform, encoder, fit([platform], encoder, config, epochs, log=log, label=label))
 
 
+def zero_shot_model(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tensor] | None,
+                    cache_dir: str | None = None) -> Adapted:
+    """The shared model as received, untrained on this platform: text-only item vectors (its item IDs are
+    unknown to the federation), the shared text adaptor and sequence encoder. What a newcomer gets on day 0."""
+    text_only = config.replace(**{"item-ids": False, "text": True})
+    torch.manual_seed(config.train.seed)
+    encoder = TextEncoder(text_only.model, seed=config.train.seed, max_len=config.data.max_len)
+    if adapter is not None:
+        encoder.load_adapter_state(adapter)
+    states = cached_item_states(encoder, split.item_texts, cache_dir)
+    platform = Platform(split, Recommender(split, text_only, encoder, states))
+    return Adapted(platform, encoder, FitResult())
+
+
 def test_metrics(adapted: Adapted, split: SplitData, **convention) -> dict[str, float]:
     """Test metrics of the adapted model over every user of ``split`` (the full platform, whatever fraction)."""
-    adapted.platform.model.refresh_text_table()
     return evaluate(adapted.platform.model.score, split, "test", **convention)
 
 
@@ -113,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--platform", default="", help="platform name (default: the folder's name)")
     parser.add_argument("--export-dir", required=True, help="where the model folder is written")
     parser.add_argument("--fraction", type=float, default=1.0, help="share of users to train on, in (0, 1]")
-    parser.add_argument("--epochs", type=int, default=10, help="local epochs; the best on validation is kept")
+    parser.add_argument("--epochs", type=int, default=100, help="most local epochs (early stopping after config "
+                        "'patience' epochs without a better validation NDCG@10); the best on validation is kept")
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
     add_flags(parser)
     args = parser.parse_args(argv)

@@ -64,6 +64,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     session, config, state, server_round = _open(msg.content["config"], msg.content["arrays"], context,
                                                  training=False)
     trained = server_round > 0  # round 0 is the untrained start
+    session.personalise()
     metrics = {**session.start_costs(),
                **session.evaluate(export_dir(config, dict(context.node_config)) if trained else None)}
     state.save(server_round, session.checkpoint())  # keeps the best validation score so far

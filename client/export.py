@@ -52,10 +52,11 @@ def export_model(folder: str | Path, platform: Platform, config: PollenConfig,
                  metrics: dict | None = None) -> Path:
     """Write ``platform``'s model to ``folder`` atomically: readers see the old folder or the new one, whole."""
     model, split = platform.model, platform.split
-    model.refresh_text_table()  # the per-epoch table may predate the last adapter step
     encoder = model.encoder
     items = model.item_vectors().detach().cpu()
-    head = {k: v.cpu() for k, v in model.private_state().items()}
+    head = {k: v.detach().cpu() for k, v in model.head.state_dict().items()}  # private and shared: the whole model
+    if model.states is not None:  # new texts are cut where the catalogue's were
+        config = config.replace(**{"max-tokens": model.states.max_tokens})
 
     def fill(tmp: Path) -> None:
         write_json(tmp / "config.json", _describe(config, encoder, split.num_items))
@@ -230,7 +231,7 @@ class ServedModel:
         base = self.meta["base-model"]["path"]
         if not (Path(base) / "config.json").is_file():  # exported elsewhere: fall back to the configured name
             base = self.config.model.base_model
-        encoder = TextEncoder(dataclasses.replace(self.config.model, base_model=base))
+        encoder = TextEncoder(dataclasses.replace(self.config.model, base_model=base), max_len=self.config.data.max_len)
         adapter = self.folder / "adapter" / "adapter_model.safetensors"
         if encoder.top_layers:
             if not adapter.is_file():

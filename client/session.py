@@ -43,7 +43,7 @@ def _shared(key: list, build):
 
 def _build_encoder(config: PollenConfig, device: torch.device) -> tuple[TextEncoder, torch.Tensor]:
     torch.manual_seed(config.train.seed)
-    encoder = TextEncoder(config.model, seed=config.train.seed).to(device)
+    encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len).to(device)
     return encoder, torch.get_rng_state()  # sessions start their heads from this RNG state, shared or not
 
 
@@ -66,6 +66,7 @@ class ClientSession:
         freeze_untravelled(self.encoder, config.privacy.aggregation)  # FFA-LoRA: A stays at the shared start
         self.trainer = Trainer([self.platform], self.encoder, config)
         self.best_valid = -1.0  # best validation NDCG@10 so far: the exported model
+        self.personal: dict[str, torch.Tensor] | None = None  # the adapters as this platform's last training left them
         self.costs: dict[str, float] = {}  # start costs of the current message (see open)
         self.fresh_state = self.checkpoint()  # what a node that never trained starts from
 
@@ -100,14 +101,16 @@ class ClientSession:
         # torch's global RNG too (the head's dropout draws from it): a platform's random stream then continues
         # across messages whichever process serves them, in simulation (shared actors) and deployment alike
         torch.save({"head": self.platform.model.private_state(), "trainer": self.trainer.state_dict(),
-                    "best-valid": self.best_valid, "torch-rng": torch.get_rng_state()}, buffer)
+                    "best-valid": self.best_valid, "torch-rng": torch.get_rng_state(),
+                    "personal": self.personal}, buffer)
         return buffer.getvalue()
 
     def restore(self, checkpoint: bytes | None) -> None:
         state = torch.load(io.BytesIO(checkpoint or self.fresh_state), weights_only=False)
-        self.platform.model.head.load_state_dict(state["head"])
+        self.platform.model.head.load_private_state(state["head"])
         self.trainer.load_state_dict(state["trainer"])
         self.best_valid = state["best-valid"]
+        self.personal = state.get("personal")
         torch.set_rng_state(state["torch-rng"])
 
     # -- the work of one message -----------------------------------------------------------------
@@ -117,9 +120,17 @@ class ClientSession:
     def train(self) -> dict[str, float]:
         start = time.perf_counter()
         losses = [self.trainer.epoch()[self.name] for _ in range(self.config.train.local_epochs)]
+        self.personal = {k: v.cpu() for k, v in self.encoder.adapter_state().items()}
         metrics = {"num-examples": float(self.trainer.num_sequences), "train-loss": losses[-1],
                    "train-seconds": time.perf_counter() - start}
         return {**metrics, **(self.trainer.dp.metrics() if self.trainer.dp else {})}  # epsilon spent so far
+
+    def personalise(self) -> None:
+        """Members evaluate and serve their personalised model: the global adapters after this platform's own
+        local training of the round (``personal``), not the average, which was fitted to no platform's head
+        (``personalise = false``: the global adapters as received)."""
+        if self.config.federation.personalise and self.personal is not None:
+            self.set_adapter(self.personal)
 
     def evaluate(self, export_dir: str | None = None) -> dict[str, float]:
         """Validation and test metrics; a new best on validation is exported to ``export_dir/<platform>``."""

@@ -39,15 +39,17 @@ class DataConfig:
 class ModelConfig:
     base_model: str = ""            # local Hugging Face folder; empty = the shipped all-MiniLM-L6-v2
     text: bool = True               # False = ID-only SASRec (no text encoder)
-    lora_layers: int = 2            # LoRA in the top k transformer layers; the frozen bottom is cached per item
+    lora_layers: int = 0            # LoRA in the top k transformer layers (0 = frozen encoder: measured better); the frozen bottom is cached per item
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: str = "query,value"
-    max_tokens: int = 32            # item text truncation
+    max_tokens: int = 0             # item text truncation; 0 = per catalogue, the length >= 95% of its texts fit (<= 128)
     hidden_size: int = 64           # head width
     head_layers: int = 2
     head_heads: int = 2
     dropout: float = 0.2
+    adaptor_experts: int = 1        # text -> head adaptor: 1 = one whitening projection, > 1 = UniSRec's mixture of experts
+    temperature: float = 0.0        # logits: 0 = dot product; > 0 = cosine / temperature (UniSRec uses 0.07)
     item_ids: bool = True           # fuse platform-private item-ID embeddings with the text vectors
     fusion: str = "learned"         # theta, the weight of text vs IDs: "learned" or a number in [0, 1]
     rating_weight: float = 0.0      # > 0: the head also predicts explicit ratings, MSE at this weight (0 = off)
@@ -67,8 +69,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     local_epochs: int = 1           # epochs per federated round (the whole budget for a local method = rounds x this)
-    batch_size: int = 64
-    lr: float = 2e-3                # head
+    batch_size: int = 128
+    lr: float = 1e-3                # head, text adaptor and sequence encoder
     lora_lr: float = 1e-3
     weight_decay: float = 0.0
     live_items: int = 32            # items per step re-encoded with gradient; the rest come from a per-epoch table
@@ -78,6 +80,7 @@ class TrainConfig:
     threads: int = 0                # torch threads; 0 = all cores of this process
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     max_steps: int = 0              # cap on optimiser steps per epoch (0 = the full epoch): a reduced, equal budget
+    patience: int = 10              # early stopping: stop after this many epochs (rounds) without a better validation NDCG@10; 0 = never
 
 
 @dataclass
@@ -86,6 +89,7 @@ class FederationConfig:
     min_clients: int = 3            # replies needed to aggregate a round
     round_timeout: float = 1800.0   # seconds to wait for replies
     run_dir: str = ""               # where the server writes adapters and metrics; empty = runs/<time>
+    personalise: bool = True        # members evaluate/serve the global adapters after their own local training of the round
     # speed and scale (issue 6)
     adapter_dtype: str = "float32"  # adapter on the wire, both directions: float32 | float16 (averaged in float32)
 
@@ -167,6 +171,9 @@ class PollenConfig:
             (self.train.local_epochs >= 1, "local-epochs must be >= 1"),
             (self.train.batch_size >= 1, "batch-size must be >= 1"),
             (self.train.max_steps >= 0, "max-steps must be >= 0"),
+            (self.train.patience >= 0, "patience must be >= 0"),
+            (self.model.adaptor_experts >= 1, "adaptor-experts must be >= 1"),
+            (self.model.temperature >= 0, "temperature must be >= 0 (0 = dot product)"),
             (self.train.loss in ("softmax", "sampled"), "loss must be 'softmax' or 'sampled'"),
             (self.federation.num_rounds >= 1, "num-rounds must be >= 1"),
             (self.federation.min_clients >= 1, "min-clients must be >= 1"),

@@ -21,6 +21,7 @@ from common.model.encoder import TextEncoder
 from common.model.recommender import Recommender, pad_left
 
 Log = Callable[[str], None]
+SORT_POOL = 50  # batches per pool of windows sorted by length (batch_plan): similar lengths, still random
 
 
 @dataclass
@@ -32,7 +33,6 @@ class Platform:
 
     def evaluate(self, which: str) -> dict[str, float]:
         """Metrics on 'valid' or 'test' with the catalogue encoded by the current adapter."""
-        self.model.refresh_text_table()
         rater = self.model.predict_ratings if self.model.head.rating is not None else None
         return evaluate(self.model.score, self.split, which, rater=rater)
 
@@ -66,6 +66,32 @@ def _windows(sequences, max_len: int):
             yield user, seq[max(0, end - max_len - 1):end]
 
 
+def batch_plan(inputs: list[torch.Tensor], size: int, rng: np.random.Generator, max_steps: int = 0
+               ) -> list[tuple[int, np.ndarray]]:
+    """One epoch's batches as (platform, window indices), in random order, from each platform's inputs [S, L].
+
+    Windows are shuffled, then sorted by length within pools of ``SORT_POOL`` batches before being cut, so a
+    batch holds windows of similar length and is trimmed to its longest (``Trainer.batch``): on catalogues of
+    short histories (a median of a few items) most of a max-len row would otherwise be padding.
+    """
+    plan = []
+    for i, x in enumerate(inputs):
+        lengths = (x != 0).sum(1).numpy()
+        order = rng.permutation(len(x))
+        pool = size * SORT_POOL
+        order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")]
+                                for chunk in np.split(order, range(pool, len(order), pool))])
+        plan += [(i, idx) for idx in np.array_split(order, max(1, -(-len(order) // size)))]
+    rng.shuffle(plan)
+    return plan[:max_steps] if max_steps else plan
+
+
+def trim(*rows: torch.Tensor) -> list[torch.Tensor]:
+    """Right-aligned [B, L] tensors cut to the longest row of the first one (columns of padding only go)."""
+    width = max(1, int((rows[0] != 0).sum(1).max()))
+    return [r[:, -width:] for r in rows]
+
+
 class Trainer:
     def __init__(self, platforms: list[Platform], encoder: TextEncoder | None, config: PollenConfig):
         self.platforms = platforms
@@ -75,7 +101,8 @@ class Trainer:
         self.pairs = [training_pairs(p.split, self.max_len) for p in platforms]
         self.ratings = [rating_targets(p.split, self.max_len) if p.model.head.rating is not None else None
                         for p in platforms]
-        groups = [{"params": [q for p in platforms for q in p.model.head.parameters()], "lr": self.config.lr}]
+        heads = {id(q): q for p in platforms for q in p.model.head.parameters()}  # platforms may share a SharedHead
+        groups = [{"params": list(heads.values()), "lr": self.config.lr}]
         if self.encoder is not None and self.encoder.lora_parameters():
             groups.append({"params": self.encoder.lora_parameters(), "lr": self.config.lora_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
@@ -98,31 +125,34 @@ class Trainer:
         """One pass over every platform's training sequences; returns the mean loss per platform."""
         if self.dp is not None:
             return self._private_epoch()
-        batch = self.config.batch_size
-        plan = [(i, idx) for i, (inputs, _) in enumerate(self.pairs)
-                for idx in np.array_split(self.rng.permutation(len(inputs)), max(1, -(-len(inputs) // batch)))]
-        self.rng.shuffle(plan)
-        if self.config.max_steps:
-            plan = plan[:self.config.max_steps]
         for p in self.platforms:
             p.model.train()
-            p.model.refresh_text_table()
         losses: dict[int, list[float]] = {i: [] for i in range(len(self.platforms))}
-        for i, idx in plan:
+        for i, idx in self.batch_plan():
             model = self.platforms[i].model
-            inputs, targets = (t[torch.as_tensor(idx)].to(self.device) for t in self.pairs[i])
-            ratings = self.ratings[i][torch.as_tensor(idx)].to(self.device) if self.ratings[i] is not None else None
+            inputs, targets, ratings = self.batch(i, idx)
             loss = model.loss(inputs, targets, self._live_items(inputs, targets), self.config.loss,
                               self.config.negatives, self.generator, ratings=ratings)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            if self.encoder is not None:
-                self.encoder.version += 1
             losses[i].append(loss.item())
         for p in self.platforms:
             p.model.eval()
         return {self.platforms[i].split.name: float(np.mean(v)) if v else float("nan") for i, v in losses.items()}
+
+    def batch_plan(self) -> list[tuple[int, np.ndarray]]:
+        return batch_plan([inputs for inputs, _ in self.pairs], self.config.batch_size, self.rng,
+                          self.config.max_steps)
+
+    def batch(self, i: int, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inputs, targets (and target ratings) of platform i's windows ``idx``, cut to the longest window."""
+        index = torch.as_tensor(idx)
+        rows = [self.pairs[i][1][index], self.pairs[i][0][index]]  # targets first: the longest row decides
+        if self.ratings[i] is not None:
+            rows.append(self.ratings[i][index])
+        targets, inputs, *ratings = (r.to(self.device) for r in trim(*rows))
+        return inputs, targets, ratings[0] if ratings else None
 
     def _private_epoch(self) -> dict[str, float]:
         """User-level DP-SGD: about one pass over the users (1/q steps of Poisson-sampled users), one clipped
@@ -130,7 +160,6 @@ class Trainer:
         platform, (all_inputs, all_targets) = self.platforms[0], self.pairs[0]
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         platform.model.train()
-        platform.model.refresh_text_table()
         losses = []
         for _ in range(self.dp.steps_per_epoch):
             total = [torch.zeros_like(p) for p in params]
@@ -145,8 +174,6 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.dp.set_noisy_grads(params, total)
             self.optimizer.step()
-            if self.encoder is not None:
-                self.encoder.version += 1
         platform.model.eval()
         return {platform.split.name: float(np.mean(losses)) if losses else float("nan")}
 
@@ -189,13 +216,26 @@ class FitResult:
     seconds: float = 0.0
     elapsed: list[float] = field(default_factory=list)
 
+    @property
+    def epochs_run(self) -> dict[str, int]:
+        """Epochs trained per platform (fewer than the cap when early stopping ended the run)."""
+        return {name: len(valid) for name, valid in self.valid.items()}
+
 
 def fit(platforms: list[Platform], encoder: TextEncoder | None, config: PollenConfig, epochs: int,
-        log: Log = print, label: str = "") -> FitResult:
-    """Train for ``epochs``; each platform keeps its best-on-validation state, then is tested once."""
+        log: Log = print, label: str = "", keep_start: bool = False) -> FitResult:
+    """Train for at most ``epochs``, stopping early once no platform's validation NDCG@10 improved for
+    ``patience`` epochs; each platform keeps its best-on-validation state, then is tested once.
+
+    ``keep_start``: the starting state is a candidate too (epoch 0), for a phase that continues a trained model.
+    """
     trainer = Trainer(platforms, encoder, config)
     result = FitResult(valid={p.split.name: [] for p in platforms})
     best: dict[str, tuple[float, dict]] = {}
+    if keep_start:
+        for p in platforms:
+            best[p.split.name] = (p.evaluate("valid")["ndcg@10"], _snapshot(p, encoder))
+            result.best_epoch[p.split.name] = 0
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         losses = trainer.epoch()
@@ -209,11 +249,19 @@ def fit(platforms: list[Platform], encoder: TextEncoder | None, config: PollenCo
         log(f"{label}epoch {epoch}/{epochs}  " + "  ".join(
             f"{name}: loss {losses[name]:.3f} val-ndcg@10 {result.valid[name][-1]['ndcg@10']:.4f}"
             for name in losses) + f"  ({time.perf_counter() - start:.0f}s)")
+        if should_stop(result.best_epoch.values(), epoch, config.train.patience):
+            log(f"{label}early stop: no better validation NDCG@10 for {config.train.patience} epochs")
+            break
     result.seconds = time.perf_counter() - start
     for p in platforms:
         _restore(p, encoder, best[p.split.name][1])
         result.test[p.split.name] = p.evaluate("test")
     return result
+
+
+def should_stop(best_epochs, epoch: int, patience: int) -> bool:
+    """Early stopping: ``patience`` epochs (or rounds) have passed since the latest best epoch of any platform."""
+    return patience > 0 and epoch - max(best_epochs, default=0) >= patience
 
 
 def _snapshot(platform: Platform, encoder: TextEncoder | None) -> dict:
@@ -222,6 +270,6 @@ def _snapshot(platform: Platform, encoder: TextEncoder | None) -> dict:
 
 
 def _restore(platform: Platform, encoder: TextEncoder | None, snapshot: dict) -> None:
-    platform.model.head.load_state_dict(snapshot["head"])
+    platform.model.head.load_private_state(snapshot["head"])
     if encoder is not None and snapshot["adapter"]:
         encoder.load_adapter_state(snapshot["adapter"])

@@ -15,6 +15,7 @@ from common.config import FEDERATION_ID, PollenConfig
 from common.files import replace_dir, resolve_run_dir
 from common.model.encoder import TextEncoder
 from common.runtime import configure_threads
+from common.train import should_stop
 from server.checkpoint import Checkpoint, check_resumable, load_checkpoint, new_federation_id, save_checkpoint
 from server.record import RunRecord
 from server.rounds import RoundLoop
@@ -33,7 +34,7 @@ def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
     configure_threads(1)  # the server only averages; leave the cores to the clients
     run_dir = resolve_run_dir(config.federation.run_dir)
     config = config.replace(**{"run-dir": str(run_dir)})  # simulated clients export their models there
-    encoder = TextEncoder(config.model, seed=config.train.seed)
+    encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len)
     initial = encoder.adapter_state()
     if not initial:
         raise ValueError("config: a federation needs text = true and lora-layers >= 1 (there is no adapter to share)")
@@ -63,6 +64,12 @@ def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
         replace_dir(run_dir / "adapter", encoder.save_adapter)  # the latest global adapter, PEFT format
         save_checkpoint(run_dir, Checkpoint(server_round, arrays, federation_id, strategy.state_dict(),
                                             record.state(), config.to_flat(), loop.names))
+        best = [chosen["round"] for chosen in record.selected().values()]
+        if should_stop(best, server_round, config.train.patience) and server_round > 0:
+            log(f"round {server_round}: early stop, no platform's validation NDCG@10 improved for "
+                f"{config.train.patience} rounds")
+            return True
+        return False
 
     # the clients get the flat config plus the federation id, under which they keep their private state
     flat = ConfigRecord({**config.to_flat(), FEDERATION_ID: federation_id})

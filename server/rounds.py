@@ -31,8 +31,9 @@ class RoundLoop:
         self.names: dict[int, str] = {}  # node id -> platform, learned from replies, to name failed nodes
 
     def run(self, arrays: ArrayRecord, config: ConfigRecord, first_round: int,
-            end_round: Callable[[int, ArrayRecord], None], train: Train | None = None) -> ArrayRecord:
-        """Rounds ``first_round``..num-rounds; ``train`` replaces the plain training step (SecAgg+)."""
+            end_round: Callable[[int, ArrayRecord], bool | None], train: Train | None = None) -> ArrayRecord:
+        """Rounds ``first_round``..num-rounds, or until ``end_round`` returns True (early stopping);
+        ``train`` replaces the plain training step (SecAgg+)."""
         train = train or self.train
         for rnd in range(first_round, self.federation.num_rounds + 1):
             self.wait_for_nodes(rnd)
@@ -44,7 +45,8 @@ class RoundLoop:
                     arrays = aggregated
             replies = self.exchange(rnd, "evaluate", self.strategy.configure_evaluate(rnd, arrays, config, self.grid))
             self.strategy.aggregate_evaluate(rnd, replies)
-            end_round(rnd, arrays)
+            if end_round(rnd, arrays):
+                break
         return arrays
 
     def train(self, rnd: int, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord | None:

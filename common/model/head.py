@@ -1,6 +1,7 @@
 """The private recommendation head: item vectors (text fused with local IDs) and a SASRec-style user encoder.
 
-Nothing here leaves a platform. theta, the weight of text against IDs (the "transfer parameter"), is either
+The item-ID embeddings, theta and the rating output never leave a platform; the text adaptor and the sequence
+encoder (``SharedHead``) are shared through the federation with the LoRA adapter. theta, the weight of text against IDs (the "transfer parameter"), is either
 learned (a sigmoid of one parameter) or fixed by the config. With ``rating-weight`` > 0 it also predicts the
 explicit rating a user gives the next item (the seed's MSE example).
 """
@@ -10,17 +11,27 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.config import DataConfig, ModelConfig
 
 
 class RecommendationHead(nn.Module):
-    def __init__(self, num_items: int, text_dim: int | None, model: ModelConfig, data: DataConfig):
+    """Item vectors (text through the shared adaptor, fused with private IDs) and the shared user encoder.
+
+    ``shared`` (the text adaptor and the sequence encoder) is what a federation averages; pass the encoder's
+    (``TextEncoder.shared``) so that it travels with the LoRA adapter, or leave it None for a head of its own
+    (ID-only SASRec). item_emb, theta and the rating output never leave the platform.
+    """
+
+    def __init__(self, num_items: int, text_dim: int | None, model: ModelConfig, data: DataConfig,
+                 shared: "SharedHead | None" = None):
         super().__init__()
         d = model.hidden_size
         self.num_items = num_items
-        self.text_proj = nn.Linear(text_dim, d) if text_dim else None
+        self.shared = shared if shared is not None else SharedHead(text_dim, model, data.max_len)
+        self.temperature = model.temperature
         self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0) if model.item_ids else None
         if self.item_emb is not None:
             nn.init.normal_(self.item_emb.weight, std=0.02)
@@ -29,19 +40,26 @@ class RecommendationHead(nn.Module):
         theta = model.fusion_theta()
         self.theta_logit = nn.Parameter(torch.zeros(())) if theta is None else None
         self.fixed_theta = theta
-        self.position = nn.Embedding(data.max_len, d)
-        layer = nn.TransformerEncoderLayer(d, model.head_heads, dim_feedforward=d, dropout=model.dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, model.head_layers, enable_nested_tensor=False)
-        self.input_norm = nn.LayerNorm(d)
-        self.output_norm = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(model.dropout)
-        self.heads = model.head_heads
         # explicit rating of the next item from (user state, item vector); offset = the training mean rating
         self.rating = None
         if model.rating_weight > 0:
             self.rating = nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, 1))
             self.register_buffer("rating_offset", torch.zeros(()))
+
+    @property
+    def text_proj(self) -> "TextAdaptor | None":
+        return self.shared.adaptor
+
+    def private_state(self) -> dict[str, torch.Tensor]:
+        """What stays on the platform: everything but the shared adaptor and sequence encoder."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("shared.")}
+
+    def load_private_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what ``private_state`` gave (or a whole state dict); the shared part is left as it is."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("shared.")]
+        if missing or unexpected:
+            raise ValueError(f"head state: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
     def predict_ratings(self, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Ratings [...] from matching user states and item vectors [..., d]; needs rating-weight > 0."""
@@ -66,7 +84,44 @@ class RecommendationHead(nn.Module):
         """The text part of item vectors: all an item never seen in training (no ID embedding) has."""
         return self.theta() * self.text_proj(text)
 
+    def similarity(self, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Logits [..., n] of user states [..., d] against item vectors [..., n, d]: a dot product, or with a
+        temperature the cosine / temperature (UniSRec), which keeps text vectors of any norm on one scale."""
+        if not self.temperature:
+            return states @ items.transpose(-1, -2)
+        return F.normalize(states, dim=-1) @ F.normalize(items, dim=-1).transpose(-1, -2) / self.temperature
+
     def user_states(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.shared.sequence(sequences, items)
+
+
+class SharedHead(nn.Module):
+    """The recommendation part a federation shares: text adaptor (None without text) + sequence encoder.
+    Its tensors' shapes depend only on the config, never on a catalogue or on users."""
+
+    def __init__(self, text_dim: int | None, model: ModelConfig, max_len: int):
+        super().__init__()
+        self.adaptor = TextAdaptor(text_dim, model.hidden_size, model.adaptor_experts, model.dropout) \
+            if text_dim else None
+        self.sequence = SequenceEncoder(model, max_len)
+
+
+class SequenceEncoder(nn.Module):
+    """SASRec's user encoder: causal transformer over the item vectors of a history, learned positions."""
+
+    def __init__(self, model: ModelConfig, max_len: int):
+        super().__init__()
+        d = model.hidden_size
+        self.position = nn.Embedding(max_len, d)
+        layer = nn.TransformerEncoderLayer(d, model.head_heads, dim_feedforward=d, dropout=model.dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, model.head_layers, enable_nested_tensor=False)
+        self.input_norm = nn.LayerNorm(d)
+        self.output_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(model.dropout)
+        self.heads = model.head_heads
+
+    def forward(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Causal user state after every position of right-aligned sequences [B, L] (0 = padding)."""
         length = sequences.shape[1]
         x = items[sequences] * math.sqrt(items.shape[1])
@@ -79,3 +134,32 @@ class RecommendationHead(nn.Module):
         x = self.blocks(x, mask=blocked.repeat_interleave(self.heads, 0))
         x = x * (~pad)[..., None]
         return self.output_norm(x)
+
+
+class TextAdaptor(nn.Module):
+    """Text vector -> head space: UniSRec's MoE-enhanced adaptor (KDD 2022).
+
+    The pretrained vector is L2-normalised first (raw MiniLM norms vary by ~10% and carry no preference), then
+    each of ``experts`` parametric-whitening projections ``(x - b_e) W_e`` maps it to the head's width, mixed by a
+    softmax gate over x. One expert is a plain affine projection. The padding item (a zero vector) maps to zero.
+    """
+
+    def __init__(self, text_dim: int, d: int, experts: int, dropout: float):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(experts, text_dim))
+        self.weight = nn.Parameter(torch.empty(experts, text_dim, d))
+        for w in self.weight:
+            nn.init.xavier_uniform_(w)
+        self.gate = nn.Linear(text_dim, experts, bias=False) if experts > 1 else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)  # start as the plain mean of the experts
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        present = (text.abs().sum(-1, keepdim=True) > 0).to(text.dtype)
+        x = self.dropout(F.normalize(text, dim=-1))
+        out = torch.einsum("nek,ekd->ned", x[:, None, :] - self.bias, self.weight)
+        if self.gate is None:
+            return out[:, 0] * present
+        gate = torch.softmax(self.gate(x), dim=-1)
+        return (gate[..., None] * out).sum(1) * present

@@ -1,7 +1,7 @@
 """One platform's recommender: the shared text encoder (optional) + its private head, scoring its catalogue.
 
 Score(user, item) = user state . item vector. The catalogue's text vectors come from a table refreshed once per
-epoch without gradient; each training step re-encodes a random sample of the batch's items with gradient
+epoch (the model does it when it enters training, and before scoring) without gradient; each training step re-encodes a random sample of the batch's items with gradient
 (``live-items``) and puts them into the table, so the LoRA adapter learns at a bounded cost per step.
 """
 
@@ -30,7 +30,8 @@ class Recommender(nn.Module):
         if self.encoder is not None and states is None:
             self.states = self.encoder.item_states(split.item_texts)
         text_dim = self.encoder.hidden_size if self.encoder is not None else None
-        self.head = RecommendationHead(split.num_items, text_dim, config.model, config.data)
+        self.head = RecommendationHead(split.num_items, text_dim, config.model, config.data,
+                                       self.encoder.shared if self.encoder is not None else None)
         self.rating_weight = config.model.rating_weight
         if self.head.rating is not None and split.ratings is not None:
             rated = np.concatenate(split.train_ratings())
@@ -47,11 +48,17 @@ class Recommender(nn.Module):
             self._text_table = self.encoder.encode_catalogue(self.states)
             self._table_version = self.encoder.version
 
+    def train(self, mode: bool = True) -> "Recommender":
+        """Entering training (an epoch) brings the table up to date once; within the epoch it is deliberately
+        left stale, each step re-encoding only its live items with gradient."""
+        self.refresh_text_table()
+        return super().train(mode)
+
     def text_table(self, live_items: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.encoder is None:
             return None
-        if self._text_table is None:
-            self.refresh_text_table()  # within an epoch the table is deliberately left stale
+        if not self.training or self._text_table is None:
+            self.refresh_text_table()  # scoring always sees the current adapter
         if live_items is None or len(live_items) == 0:
             return self._text_table
         live = self.encoder(self.states, live_items)
@@ -72,11 +79,11 @@ class Recommender(nn.Module):
         keep = targets > 0
         states, targets = states[keep], targets[keep]
         if kind == "softmax":
-            logits = states @ items[1:].T  # the padding item is never a candidate
+            logits = self.head.similarity(states, items[1:])  # the padding item is never a candidate
             return F.cross_entropy(logits, targets - 1) + extra
         sampled = torch.randint(1, self.num_items + 1, (negatives,), generator=generator).to(items.device)
-        positive = (states * items[targets]).sum(-1, keepdim=True)
-        negative = states @ items[sampled].T
+        positive = self.head.similarity(states[:, None, :], items[targets][:, None, :]).squeeze(-1)
+        negative = self.head.similarity(states, items[sampled])
         negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
         logits = torch.cat([positive, negative], dim=1)
         return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device)) + extra
@@ -109,15 +116,16 @@ class Recommender(nn.Module):
         return self.head.predict_ratings(states, items[torch.as_tensor(targets, device=items.device)])
 
     def private_state(self) -> dict[str, torch.Tensor]:
-        """What stays on the platform: the head (text projection, item IDs, user encoder, theta)."""
-        return {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        """What stays on the platform: item IDs, theta, rating output (the shared parts are the encoder's)."""
+        return self.head.private_state() if self.encoder is not None else \
+            {k: v.detach().clone() for k, v in self.head.state_dict().items()}
 
 
 def score_histories(head: RecommendationHead, items: torch.Tensor, histories: list[np.ndarray],
                     max_len: int) -> torch.Tensor:
     """User state after each history (its last max_len items) . every item vector: scores [B, items]."""
     inputs = pad_left(histories, max_len).to(items.device)
-    return head.user_states(inputs, items)[:, -1] @ items.T
+    return head.similarity(head.user_states(inputs, items)[:, -1], items)
 
 
 def pad_left(sequences: list[np.ndarray], max_len: int, fill: float = 0, dtype: type = np.int64) -> torch.Tensor:
