@@ -101,8 +101,7 @@ class SharedHead(nn.Module):
 
     def __init__(self, text_dim: int | None, model: ModelConfig, max_len: int):
         super().__init__()
-        self.adaptor = TextAdaptor(text_dim, model.hidden_size, model.adaptor_experts, model.dropout) \
-            if text_dim else None
+        self.adaptor = TextAdaptor(text_dim, model.hidden_size, model.adaptor_experts) if text_dim else None
         self.sequence = SequenceEncoder(model, max_len)
 
 
@@ -139,12 +138,13 @@ class SequenceEncoder(nn.Module):
 class TextAdaptor(nn.Module):
     """Text vector -> head space: UniSRec's MoE-enhanced adaptor (KDD 2022).
 
-    The pretrained vector is L2-normalised first (raw MiniLM norms vary by ~10% and carry no preference), then
-    each of ``experts`` parametric-whitening projections ``(x - b_e) W_e`` maps it to the head's width, mixed by a
-    softmax gate over x. One expert is a plain affine projection. The padding item (a zero vector) maps to zero.
+    Each of ``experts`` parametric-whitening projections ``(x - b_e) W_e`` maps the pretrained vector to the
+    head's width, mixed by a softmax gate over x; one expert is a plain affine projection. The vector is used as
+    MiniLM gives it: L2-normalising it first, or dropout on it, lowered validation NDCG@10 on Amazon Office
+    (0.0688 / 0.0671 vs 0.0753, one seed). The padding item (a zero vector) maps to zero.
     """
 
-    def __init__(self, text_dim: int, d: int, experts: int, dropout: float):
+    def __init__(self, text_dim: int, d: int, experts: int):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(experts, text_dim))
         self.weight = nn.Parameter(torch.empty(experts, text_dim, d))
@@ -153,13 +153,11 @@ class TextAdaptor(nn.Module):
         self.gate = nn.Linear(text_dim, experts, bias=False) if experts > 1 else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)  # start as the plain mean of the experts
-        self.dropout = nn.Dropout(dropout)
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         present = (text.abs().sum(-1, keepdim=True) > 0).to(text.dtype)
-        x = self.dropout(F.normalize(text, dim=-1))
-        out = torch.einsum("nek,ekd->ned", x[:, None, :] - self.bias, self.weight)
+        out = torch.einsum("nek,ekd->ned", text[:, None, :] - self.bias, self.weight)
         if self.gate is None:
             return out[:, 0] * present
-        gate = torch.softmax(self.gate(x), dim=-1)
+        gate = torch.softmax(self.gate(text), dim=-1)
         return (gate[..., None] * out).sum(1) * present
