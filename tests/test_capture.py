@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from client import app as pollen_client
 from common.adapters import signature
 from common.config import PollenConfig
-from common.data.sources import platform_names
+from common.data.sources import load_split, platform_names
 from common.model.encoder import TextEncoder
 from simulated import simulate
 
@@ -89,6 +89,26 @@ def test_every_reply_holds_exactly_the_adapter_and_scalars(captured):
             assert metrics["num-examples"] > 0 and metrics["dp-epsilon"] > 0
         else:
             assert set(content) == {"metrics", "platform"} and not content.array_records
+
+
+def test_no_catalogue_or_user_sized_tensor_leaves(captured):
+    """The shared set (LoRA + text adaptor + sequence encoder) has shapes set by the config alone: every
+    platform sends the same shapes, and no dimension is a catalogue's or a user count of any platform."""
+    config, _, entries = captured
+    sizes = set()
+    for name in platform_names(config.data):
+        split = load_split(config.data, name)
+        sizes |= {split.num_items, split.num_items + 1, split.num_users}
+    shapes = {}
+    for entry in (e for e in entries if e["type"] == "train"):
+        arrays = entry["content"].array_records["arrays"]
+        shapes.setdefault(entry["content"]["platform"]["platform"], {k: tuple(a.shape) for k, a in arrays.items()})
+    assert len({tuple(sorted(s.items())) for s in shapes.values()}) == 1  # one shape set for every platform
+    leaving = next(iter(shapes.values()))
+    assert any(k.startswith("shared.sequence.") for k in leaving) and any(k.startswith("shared.adaptor.")
+                                                                          for k in leaving)
+    assert not any(k.startswith("shared.") and "item_emb" in k for k in leaving)
+    assert not {dim for shape in leaving.values() for dim in shape} & sizes
 
 
 def test_epsilon_is_reported_every_round_and_grows(captured):
