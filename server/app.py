@@ -36,8 +36,9 @@ def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
     config = config.replace(**{"run-dir": str(run_dir)})  # simulated clients export their models there
     encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len)
     initial = encoder.adapter_state()
-    if not initial:
-        raise ValueError("config: a federation needs text = true and lora-layers >= 1 (there is no adapter to share)")
+    if not config.model.text:
+        raise ValueError("config: a federation needs text = true (an ID-only model has nothing to share: its "
+                         "item IDs never leave a platform)")
     fed, wire = config.federation, config.federation.adapter_dtype
     shared = wire_state(initial, config.privacy.aggregation)  # FFA: only B travels
     record = RunRecord(run_dir, config.to_flat(), fed.num_rounds, log)
