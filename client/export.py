@@ -19,8 +19,9 @@ import dataclasses
 import io
 import json
 import threading
+import unicodedata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -45,6 +46,33 @@ class UnknownItemError(ValueError):
 
 class DuplicateItemError(ValueError):
     """add_item with an id the catalogue already has."""
+
+
+MAX_ID_CHARS = 256
+
+
+def check_item_id(item_id: Any) -> str:
+    """A new item id: 1..256 printable characters (no NUL, no terminal escapes), not blank, no outer spaces."""
+    if not isinstance(item_id, str) or not item_id:
+        raise ValueError("item id must be a non-empty string")
+    if len(item_id) > MAX_ID_CHARS:
+        raise ValueError(f"item id is {len(item_id)} characters, at most {MAX_ID_CHARS} allowed")
+    if not item_id.isprintable():
+        bad = next(c for c in item_id if not c.isprintable())
+        raise ValueError(f"item id {item_id!r} contains the non-printable character {bad!r}")
+    if item_id != item_id.strip():
+        raise ValueError(f"item id {item_id!r} is blank or starts/ends with whitespace")
+    return item_id
+
+
+def check_item_text(item_id: str, text: Any) -> str:
+    """A new item's text: not blank, no control characters other than tab and newline."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"item {item_id!r}: a new item needs a non-empty id and text")
+    bad = next((c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+    if bad is not None:
+        raise ValueError(f"item {item_id!r}: text contains the control character {bad!r}")
+    return text
 
 
 # -- export ------------------------------------------------------------------------------------------
@@ -96,31 +124,101 @@ def _items_csv(item_ids: list[str], texts: list[str]) -> str:
 
 # -- load --------------------------------------------------------------------------------------------
 def load_model(folder: str | Path) -> ServedModel:
-    """Rebuild a folder written by ``export_model``; the base model is loaded only when a new text arrives."""
+    """Rebuild a folder written by ``export_model``; the base model is loaded only when a new text arrives.
+
+    Every file is checked before use (JSON and CSV parse, tensor keys, shapes, dtypes, finite values); a bad one
+    raises a ValueError (FileNotFoundError when missing) that names the file and what is wrong. Tensors are read
+    with safetensors only: nothing in an exported model can run code when loaded (no pickle, no torch.load).
+    """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: not an exported Pollen model (no config.json)")
-    meta = json.loads((folder / "config.json").read_text())
-    if meta.get("format-version") != FORMAT_VERSION:
-        raise ValueError(f"{folder}: model format {meta.get('format-version')!r}, this code reads {FORMAT_VERSION}")
-    config = PollenConfig.from_flat(meta["config"])
+    meta = _read_meta(folder / "config.json")
+    try:
+        config = PollenConfig.from_flat(meta["config"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{folder / 'config.json'}: bad 'config': {error}") from None
     head = RecommendationHead(meta["num-items"], meta["text-dim"], config.model, config.data)
-    head.load_state_dict(load_file(folder / "head.safetensors"))
+    head.load_state_dict(_read_tensors(folder / "head.safetensors", _shapes(head.state_dict())))
     head.eval()
-    items = load_file(folder / "item_vectors.safetensors")["items"]
+    rows, width = meta["num-items"] + 1, config.model.hidden_size
+    items = _read_tensors(folder / "item_vectors.safetensors", {"items": (rows, width)})["items"]
     item_ids, texts = _read_items(folder / "items.csv")
-    if not len(item_ids) == meta["num-items"] == len(items) - 1:
-        raise ValueError(f"{folder}: {len(item_ids)} items in items.csv, {len(items) - 1} item vectors, "
-                         f"{meta['num-items']} in config.json")
+    if len(item_ids) != meta["num-items"]:
+        raise ValueError(f"{folder / 'items.csv'}: {len(item_ids)} items, config.json says {meta['num-items']}")
     return ServedModel(folder, meta, config, head, items, item_ids, texts)
 
 
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    if meta.get("format-version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: model format {meta.get('format-version')!r}, this code reads {FORMAT_VERSION}")
+    num, dim = meta.get("num-items"), meta.get("text-dim")
+    if type(num) is not int or num < 1:
+        raise ValueError(f"{path}: 'num-items' must be a positive integer, got {num!r}")
+    if dim is not None and (type(dim) is not int or dim < 1):
+        raise ValueError(f"{path}: 'text-dim' must be a positive integer or null, got {dim!r}")
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{path}: 'config' must be an object of settings")
+    return meta
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A safetensors file holding exactly ``expected`` (key -> shape) as finite floating-point tensors."""
+    from safetensors import SafetensorError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the exported model")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    return check_tensors(path, tensors, expected)
+
+
+def check_tensors(path: Path | str, tensors: dict[str, torch.Tensor],
+                  expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """``tensors`` unchanged if its keys, shapes, dtypes and values are what a model needs, else a ValueError."""
+    if set(tensors) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise ValueError(f"{path}: tensor keys differ from the model's: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for key in sorted(tensors):
+        value = tensors[key]
+        if tuple(value.shape) != tuple(expected[key]):
+            raise ValueError(f"{path}: tensor {key!r} has shape {list(value.shape)}, expected {list(expected[key])}")
+        if not value.is_floating_point():
+            raise ValueError(f"{path}: tensor {key!r} is {value.dtype}, expected floating point")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{path}: tensor {key!r} contains NaN or Inf")
+    return tensors
+
+
 def _read_items(path: Path) -> tuple[list[str], list[str]]:
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if [int(r["index"]) for r in rows] != list(range(1, len(rows) + 1)):
-        raise ValueError(f"{path}: item indices must be 1..N in order")
-    return [r["item"] for r in rows], [r["text"] for r in rows]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the exported model")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or tuple(header) != ITEM_COLUMNS:
+                raise ValueError(f"{path}: header must be {','.join(ITEM_COLUMNS)}, got {header!r}")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path}: unreadable CSV ({error})") from None
+    for line, row in enumerate(rows, start=2):
+        if len(row) != 3 or row[0] != str(line - 1) or not row[1]:
+            raise ValueError(f"{path}, line {line}: expected index {line - 1}, a non-empty item id and a text")
+    return [r[1] for r in rows], [r[2] for r in rows]
 
 
 # -- serving -----------------------------------------------------------------------------------------
@@ -144,6 +242,7 @@ class ServedModel:
             raise ValueError(f"{folder}: duplicate item ids in items.csv")
         self._encoder: TextEncoder | None = None
         self._lock = threading.RLock()
+        self._encoder_lock = threading.Lock()
 
     @property
     def num_items(self) -> int:
@@ -154,6 +253,9 @@ class ServedModel:
         """Whether new items can be added: only a model with a text projection can place an unseen text."""
         return self.head.text_proj is not None
 
+    def knows(self, item: str) -> bool:
+        return item in self._index
+
     def index_of(self, item: str) -> int:
         try:
             return self._index[item]
@@ -161,25 +263,63 @@ class ServedModel:
             raise UnknownItemError(f"unknown item id {item!r}") from None
 
     # -- recommending --------------------------------------------------------------------------------
-    @torch.inference_mode()
     def recommend(self, history: list[str], k: int = 10, exclude_seen: bool = True) -> list[dict[str, Any]]:
         """Top-k items after ``history`` (oldest first) as {item, text, score}, best first.
 
         With exclude_seen, fewer than k come back when the history covers nearly the whole catalogue.
+        The same code as ``recommend_many`` with one request, so a micro-batched server returns the same lists.
         """
-        with self._lock:
-            if not history:
-                raise ValueError("history is empty: give at least one item id")
-            if not 1 <= k <= self.num_items:
-                raise ValueError(f"k must be in 1..{self.num_items} (the catalogue size), got {k}")
-            seen = np.array([self.index_of(item) for item in history], dtype=np.int64)
-            scores = self.scores([seen])[0]
-            scores[0] = float("-inf")  # the padding item is never a candidate
-            if exclude_seen:
-                scores[torch.from_numpy(seen)] = float("-inf")
-            top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
-            return [{"item": self._ids[i - 1], "text": self._texts[i - 1], "score": float(s)}
-                    for s, i in zip(top.values.tolist(), top.indices.tolist())]
+        result = self.recommend_many([(history, k, exclude_seen)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @torch.inference_mode()
+    def recommend_many(self, requests: list[tuple[list[str], int, bool]]) -> list[list[dict[str, Any]] | ValueError]:
+        """``recommend`` for many (history, k, exclude_seen) requests in one scoring pass (micro-batching).
+
+        A bad request gets its ValueError in its place; the others are scored together, exactly (a full scan of
+        the catalogue, no approximate search). Padding is masked, so a request's scores do not depend on which
+        requests share its pass, up to float rounding (~1e-6: matrix products of other shapes add in other
+        orders); the benchmark checks that the served top-k lists equal the in-process ones.
+        """
+        results: list[Any] = [None] * len(requests)
+        rows, seen_rows, ks = [], [], []
+        with self._lock:  # one consistent catalogue: add_items replaces the table and only appends to the lists
+            items, ids, texts, num_items = self._items, self._ids, self._texts, len(self._ids)
+            for i, (history, k, exclude_seen) in enumerate(requests):
+                try:
+                    if not history:
+                        raise ValueError("history is empty: give at least one item id")
+                    if not 1 <= k <= num_items:
+                        raise ValueError(f"k must be in 1..{num_items} (the catalogue size), got {k}")
+                    seen = np.array([self.index_of(item) for item in history], dtype=np.int64)
+                except ValueError as error:
+                    results[i] = error
+                    continue
+                rows.append(i)
+                seen_rows.append((seen, exclude_seen))
+                ks.append(k)
+        if not rows:
+            return results
+        max_len = self.config.data.max_len
+        width = min(max_len, max(len(seen) for seen, _ in seen_rows))
+        inputs = np.zeros((len(rows), width), dtype=np.int64)  # right-aligned, 0 = padding
+        for row, (seen, _) in enumerate(seen_rows):
+            tail = seen[-width:]
+            inputs[row, width - len(tail):] = tail
+        scores = self.head.user_states(torch.from_numpy(inputs), items)[:, -1] @ items.T
+        scores[:, 0] = float("-inf")  # the padding item is never a candidate
+        hidden = [(row, seen) for row, (seen, exclude_seen) in enumerate(seen_rows) if exclude_seen]
+        if hidden:
+            scores[torch.from_numpy(np.concatenate([np.full(len(seen), row) for row, seen in hidden])),
+                   torch.from_numpy(np.concatenate([seen for _, seen in hidden]))] = float("-inf")
+        top = torch.topk(scores, max(ks))
+        values, indices = top.values.tolist(), top.indices.tolist()
+        for row, (i, k) in enumerate(zip(rows, ks)):
+            results[i] = [{"item": ids[j - 1], "text": texts[j - 1], "score": s}
+                          for s, j in zip(values[row][:k], indices[row][:k]) if s != float("-inf")]
+        return results
 
     @torch.inference_mode()
     def scores(self, histories: list[np.ndarray]) -> torch.Tensor:
@@ -197,16 +337,38 @@ class ServedModel:
     # -- new items -----------------------------------------------------------------------------------
     def add_item(self, item_id: str, text: str) -> None:
         """Encode ``text`` with the base model + adapter and append it; it has no ID embedding (never trained)."""
-        if not item_id or not text.strip():
-            raise ValueError("a new item needs a non-empty id and text")
+        self.add_items([(item_id, text)])
+
+    def add_items(self, items: list[tuple[str, str]], vectors: torch.Tensor | None = None,
+                  commit: Callable[[list[tuple[str, str]], torch.Tensor], None] | None = None) -> None:
+        """Append (id, text) items, encoded from their texts unless ``vectors`` [n, d] are given (a journal replay).
+
+        ``commit(items, vectors)`` runs under the lock just before the catalogue grows (the server's journal: an
+        item is served only once it is on disk); if it raises, nothing is added. All or none of ``items`` go in.
+        """
+        for item_id, text in items:
+            check_item_id(item_id)
+            check_item_text(item_id, text)
+        if len({item_id for item_id, _ in items}) != len(items):
+            raise DuplicateItemError("the same item id appears twice in one request")
+        self._refuse_known(items)  # before the (slow) encoding
+        if vectors is None:
+            vectors = self.text_item_vectors([text for _, text in items])
+        check_tensors("new item vectors", {"items": vectors}, {"items": (len(items), self._items.shape[1])})
         with self._lock:
+            self._refuse_known(items)  # again: another thread may have added one while this one encoded
+            if commit is not None:
+                commit(items, vectors)
+            self._items = torch.cat([self._items, vectors.to(self._items.dtype)])
+            for item_id, text in items:
+                self._ids.append(item_id)
+                self._texts.append(text)
+                self._index[item_id] = len(self._ids)
+
+    def _refuse_known(self, items: list[tuple[str, str]]) -> None:
+        for item_id, _ in items:
             if item_id in self._index:
                 raise DuplicateItemError(f"item id {item_id!r} already exists")
-            vector = self.text_item_vectors([text])
-            self._items = torch.cat([self._items, vector])
-            self._ids.append(item_id)
-            self._texts.append(text)
-            self._index[item_id] = len(self._ids)
 
     @torch.inference_mode()
     def text_item_vectors(self, texts: list[str]) -> torch.Tensor:
@@ -220,7 +382,7 @@ class ServedModel:
 
     def text_encoder(self) -> TextEncoder:
         """The base model with the exported adapter, loaded on first use (seconds and hundreds of MB)."""
-        with self._lock:
+        with self._encoder_lock:  # its own lock: recommend calls go on while the base model loads
             if self._encoder is None:
                 self._encoder = self._load_encoder()
             return self._encoder
@@ -236,5 +398,8 @@ class ServedModel:
         if encoder.top_layers:
             if not adapter.is_file():
                 raise FileNotFoundError(f"{self.folder}: the config has LoRA layers but no adapter/ folder")
-            encoder.load_adapter_state(load_file(adapter))
+            try:
+                encoder.load_adapter_state(_read_tensors(adapter, _shapes(encoder.adapter_state())))
+            except ValueError as error:
+                raise ValueError(f"{adapter}: {error}" if str(adapter) not in str(error) else str(error)) from None
         return encoder
