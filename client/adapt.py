@@ -107,7 +107,7 @@ def test_metrics(adapted: Adapted, split: SplitData, **convention) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m client.adapt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default="", help="PEFT adapter folder (RUN/adapter); empty = a fresh LoRA")
     parser.add_argument("--data-path", required=True, help="the platform's data folder (any loader format)")
     parser.add_argument("--platform", default="", help="platform name (default: the folder's name)")
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=1.0, help="share of users to train on, in (0, 1]")
     parser.add_argument("--epochs", type=int, default=10, help="local epochs; the best on validation is kept")
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
-    add_flags(parser)
+    add_flags(parser, scopes=("model",))  # no federation, no data-dir: --data-path
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")

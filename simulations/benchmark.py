@@ -154,7 +154,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m simulations.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(
         METHODS + tuple(FEDERATED_VARIANTS)))
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")

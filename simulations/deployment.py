@@ -161,7 +161,7 @@ def message_costs(results: dict) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m simulations.deployment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None, help="certificates, logs, node homes (default: <run-dir>/deploy)")
     parser.add_argument("--compare-simulation", action="store_true", help="then run the same work in simulation")
     add_flags(parser, PollenConfig().replace(**{"num-rounds": 2}))

@@ -14,22 +14,42 @@ import logging
 import os
 import time
 
-from common import runtime  # noqa: F401  (sets offline / telemetry environment before flwr loads)
-from common.config import PollenConfig, add_flags, from_args
-from common.data.sources import client_names
+from common.config import PollenConfig, add_flags, from_args  # light: parsing flags imports no model library
+
+
+class HideRunSimulationDeprecation(logging.Filter):
+    """Drop Flower's "DEPRECATED FEATURE: run_simulation" warning, and only that one.
+
+    Pollen runs the simulation engine in-process on purpose (README, "Flower's own runner"): the driver gets the
+    run's record back, fails loudly when the ServerApp fails, and leaves no SuperLink behind. ``flwr run`` runs
+    the very same apps (pyproject.toml) for those who want Flower's CLI."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.lstrip().startswith("DEPRECATED FEATURE") and "run_simulation" in text)
+
+
+def hide_run_simulation_deprecation() -> None:
+    logger = logging.getLogger("flwr")
+    if not any(isinstance(f, HideRunSimulationDeprecation) for f in logger.filters):
+        logger.addFilter(HideRunSimulationDeprecation())
 
 
 def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, ray_address: str | None = None):
     """Run the federation with one simulated node per client (a platform, or a silo of one); returns the
     server's RunRecord. ``ray_address`` (e.g. "auto" or "head-host:6379") runs the clients on an existing
     Ray cluster instead of a local one; its size then comes from the cluster, not ``cpus``."""
+    from common import runtime  # noqa: F401  (offline / telemetry environment before flwr and torch load)
+
     import torch
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
+    from common.data.sources import client_names
     from server.app import run_federation
 
+    hide_run_simulation_deprecation()
     cpus = cpus or os.cpu_count() or 1
     names = client_names(config.data)
     gpus = 1.0 / len(names) if torch.cuda.is_available() else 0.0  # Ray hides the GPU from actors given none
@@ -55,7 +75,8 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m simulations.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpus", type=int, default=None, help="cores for the simulation (default: all)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's own log")
     parser.add_argument("--ray-address", default=None,
