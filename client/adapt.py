@@ -11,7 +11,7 @@ validation picks the epoch on those users, test covers every user.
 
 Joining the federation itself (from the next round) is a deployment matter, not this command: start one more
 SuperNode for the platform with node config ``platform="NAME" data-path="PATH"`` (optionally ``export-dir``,
-``threads``, ``device``, ``cache-dir``; see client/session.py ``node_platform``), e.g.
+``threads``, ``device``, ``cache-dir``; see client/node.py ``NodeSettings``), e.g.
 
     flower-supernode --superlink HOST:9092 --node-config 'platform="scientific" data-path="/data/scientific"' ...
 

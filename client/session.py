@@ -1,8 +1,9 @@
 """A platform's local side of the federation: its data, model and private state, kept between messages.
 
-Objects live for the life of the process (a Ray actor in simulation; one message in deployment, where the
-Deployment Engine starts a fresh process per message, so building must be cheap: the frozen-layer item states
-come from the disk cache). One process may serve many simulated clients (silos): they share one encoder (each
+Objects live for the life of the process: a Ray actor in simulation; in deployment the node's warm worker
+(client/worker.py), or one message where the node runs without one (the Deployment Engine starts a fresh
+process per message, so building must be cheap: the frozen-layer item states come from the disk cache). Where
+the node's data, state and exports live is decided once, in its ``NodeSettings`` (client/node.py). One process may serve many simulated clients (silos): they share one encoder (each
 message loads the global adapter into it first) and one copy of each platform's frozen-bottom item states, so a
 session adds only its head. The private state (head, optimiser, RNG) is restored from the node's disk before
 every message (client/state.py). Whenever the validation NDCG@10 improves, the platform's model is exported
@@ -16,17 +17,17 @@ import json
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 from client.export import export_model
+from client.node import NodeSettings
 from client.state import training_settings
 from common.aggregation import freeze_untravelled
 from common.config import PollenConfig
-from common.data.sources import load_split, simulated_client
+from common.data.sources import load_split
 from common.model.encoder import TextEncoder, cached_item_states
 from common.model.recommender import Recommender
-from common.runtime import configure_threads, default_cache_dir, resolve_device
+from common.runtime import configure_threads, resolve_device
 from common.train import Platform, Trainer
 
 _SESSIONS: dict[str, "ClientSession"] = {}
@@ -45,9 +46,6 @@ def _build_encoder(config: PollenConfig, device: torch.device) -> tuple[TextEnco
     torch.manual_seed(config.train.seed)
     encoder = TextEncoder(config.model, seed=config.train.seed).to(device)
     return encoder, torch.get_rng_state()  # sessions start their heads from this RNG state, shared or not
-
-
-_PROCESS = {"fresh": True}  # the first message a process serves pays for its imports
 
 
 class ClientSession:
@@ -70,24 +68,20 @@ class ClientSession:
         self.fresh_state = self.checkpoint()  # what a node that never trained starts from
 
     @classmethod
-    def open(cls, config: PollenConfig, node_config: dict) -> "ClientSession":
+    def open(cls, config: PollenConfig, node: NodeSettings) -> "ClientSession":
         """The session for this node's platform, built once per process and reused."""
-        opened = time.time()
-        imports = opened - psutil.Process().create_time() if _PROCESS.pop("fresh", False) else 0.0
-        configure_threads(int(node_config.get("threads", config.train.threads)))
-        name, data_path, silo = node_platform(config, node_config)
-        cache_dir = str(node_config.get("cache-dir", default_cache_dir()))
-        device = str(node_config.get("device", config.train.device))
-        key = json.dumps([name, silo, data_path, device, training_settings(config)], sort_keys=True)
+        opened = time.perf_counter()
+        configure_threads(node.threads)
+        key = json.dumps([node.platform, node.silo, node.data_path, node.device, training_settings(config)],
+                         sort_keys=True)
         if key not in _SESSIONS:
-            _SESSIONS[key] = cls(config, name, data_path, cache_dir, device, silo)
+            _SESSIONS[key] = cls(config, node.platform, node.data_path, node.cache_dir, node.device, node.silo)
         session = _SESSIONS[key]
-        session.costs = {"start-process-seconds": imports, "start-build-seconds": time.time() - opened}
+        session.costs = {"start-build-seconds": time.perf_counter() - opened}
         return session
 
     def start_costs(self) -> dict[str, float]:
-        """What this message paid before its work: process start + imports (first message of a process only)
-        and building the session (0 when the process already had it)."""
+        """What this message paid for building the session (0 when the process already had it)."""
         return dict(self.costs)
 
     @property
@@ -132,32 +126,3 @@ class ClientSession:
             export_model(Path(export_dir) / self.name, self.platform, self.config, metrics)
         metrics["eval-seconds"] = time.perf_counter() - start
         return metrics
-
-
-def export_dir(config: PollenConfig, node_config: dict) -> str | None:
-    """A deployed node exports where its node config says; a simulated one into the run folder."""
-    if "export-dir" in node_config:
-        return str(node_config["export-dir"])
-    if "platform" not in node_config and config.federation.run_dir:
-        return str(Path(config.federation.run_dir) / "models")
-    return None
-
-
-def state_root(config: PollenConfig, node_config: dict) -> str:
-    """Where a node keeps its private state: its node config's state-dir, a simulated node's run folder, or the
-    node's cache folder."""
-    if "state-dir" in node_config:
-        return str(node_config["state-dir"])
-    if "platform" not in node_config and config.federation.run_dir:
-        return str(Path(config.federation.run_dir) / "client-state")
-    return str(Path(str(node_config.get("cache-dir", default_cache_dir()))) / "state")
-
-
-def node_platform(config: PollenConfig, node_config: dict) -> tuple[str, str | None, int | None]:
-    """(platform name, data path, silo): a deployed node names its platform and data (all of it, silo None);
-    a simulated node is given a partition id, which names a platform and one of its silos."""
-    if "platform" in node_config:
-        return (str(node_config["platform"]), node_config.get("data-path") and str(node_config["data-path"]),
-                None)
-    name, silo = simulated_client(config.data, int(node_config.get("partition-id", 0)))
-    return name, None, silo
