@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import time
+import warnings
 
 from common.config import PollenConfig, add_flags, from_args  # light: parsing flags imports no model library
 
@@ -35,6 +36,48 @@ def hide_run_simulation_deprecation() -> None:
         logger.addFilter(HideRunSimulationDeprecation())
 
 
+class ChildProcesses:
+    """Notes every process started under this one while in use, then waits for them to go (killing what is left
+    after ``grace`` seconds). Ray's workers outlive ``ray.shutdown()`` by seconds and, reparented once the raylet
+    is gone, are no longer our children: without this the command can return while they still run."""
+
+    def __init__(self, grace: float = 30.0, poll: float = 0.5):
+        import threading
+
+        self.grace, self.poll, self.seen, self._stop = grace, poll, {}, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _note(self) -> None:
+        import psutil
+
+        try:
+            for child in psutil.Process().children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            self._note()
+
+    def __enter__(self) -> "ChildProcesses":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import psutil
+
+        self._stop.set()
+        self._thread.join()
+        self._note()
+        _, alive = psutil.wait_procs(list(self.seen.values()), timeout=self.grace)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+
+
 def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, ray_address: str | None = None):
     """Run the federation with one simulated node per client (a platform, or a silo of one); returns the
     server's RunRecord. ``ray_address`` (e.g. "auto" or "head-host:6379") runs the clients on an existing
@@ -50,6 +93,7 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, 
     from server.app import run_federation
 
     hide_run_simulation_deprecation()
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
     cpus = cpus or os.cpu_count() or 1
     names = client_names(config.data)
     gpus = 1.0 / len(names) if torch.cuda.is_available() else 0.0  # Ray hides the GPU from actors given none
@@ -66,8 +110,9 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, 
     init = {"include_dashboard": False, "logging_level": "error", "log_to_driver": True}
     init.update({"address": ray_address} if ray_address else {"num_cpus": cpus})  # a cluster has its own size
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": init}
-    run_simulation(server_app=server_app, client_app=client_app,
-                   num_supernodes=len(names), backend_config=backend)
+    with ChildProcesses():  # nothing of the run outlives it
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=len(names), backend_config=backend)
     if not records or set(records[0].evaluations.get(config.federation.num_rounds, {})) != set(names):
         raise RuntimeError(f"the federation did not finish with every client ({sorted(names)}): "
                            "see the log above")
