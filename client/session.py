@@ -12,8 +12,11 @@ for serving (client/export.py).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import pickle
 import time
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from client.state import training_settings
 from common.aggregation import freeze_untravelled
 from common.config import PollenConfig
 from common.data.sources import load_split
+from common.data.split import SplitData
 from common.model.encoder import TextEncoder, cached_item_states
 from common.model.recommender import Recommender
 from common.runtime import configure_threads, resolve_device
@@ -48,12 +52,42 @@ def _build_encoder(config: PollenConfig, device: torch.device) -> tuple[TextEnco
     return encoder, torch.get_rng_state()  # sessions start their heads from this RNG state, shared or not
 
 
+def cached_split(config: PollenConfig, name: str, data_path: str | None, silo: int | None,
+                 cache_dir: str | None) -> SplitData:
+    """``load_split``, kept parsed on the node's disk (``cache_dir/splits``) for the next process.
+
+    Valid while nothing it came from changes: the key holds the data settings, the platform, silo and folder,
+    every file of that folder (name, size, modification time) and the code that parses and splits
+    (common/data/*.py); anything else is a new key, so a stale split is never read."""
+    if not cache_dir:
+        return load_split(config.data, name, data_path, silo)
+    folder = Path(data_path) if data_path else (
+        Path(config.data.data_dir) / dict(config.data.platform_paths()).get(name, name) if config.data.data_dir
+        else None)
+    files = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in folder.rglob("*") if p.is_file()) if folder is not None and folder.is_dir() else []
+    code = sorted((p.name, p.read_bytes().hex()) for p in Path(load_split.__code__.co_filename).parent.glob("*.py"))
+    key = json.dumps([vars(config.data), name, silo, str(folder), files, code], sort_keys=True, default=str)
+    path = Path(cache_dir) / "splits" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pkl"
+    if path.is_file():
+        try:
+            return pickle.loads(path.read_bytes())
+        except Exception:  # noqa: BLE001  (a damaged cache file is rebuilt)
+            pass
+    split = load_split(config.data, name, data_path, silo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(pickle.dumps(split, protocol=pickle.HIGHEST_PROTOCOL))
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
+    return split
+
+
 class ClientSession:
     def __init__(self, config: PollenConfig, name: str, data_path: str | None, cache_dir: str, device: str,
                  silo: int | None = None):
         self.config = config
         self.device = resolve_device(device)
-        split = load_split(config.data, name, data_path, silo)
+        split = cached_split(config, name, data_path, silo, cache_dir)
         key = [vars(config.model), config.privacy.aggregation, config.train.seed, str(self.device)]
         self.encoder, rng = _shared(["encoder", *key], lambda: _build_encoder(config, self.device))
         states = _shared(["states", *key, name, data_path, vars(config.data)],
