@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _help(module: str) -> subprocess.CompletedProcess:
     """``python -m MODULE --help`` with Python's import log on stderr."""
     return subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)  # client.adapt imports torch
 
 
 def test_every_setting_has_one_line_of_help_with_default_and_values():
