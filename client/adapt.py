@@ -11,7 +11,7 @@ validation picks the epoch on those users, test covers every user.
 
 Joining the federation itself (from the next round) is a deployment matter, not this command: start one more
 SuperNode for the platform with node config ``platform="NAME" data-path="PATH"`` (optionally ``export-dir``,
-``threads``, ``device``, ``cache-dir``; see client/session.py ``node_platform``), e.g.
+``threads``, ``device``, ``cache-dir``; see client/node.py ``NodeSettings``), e.g.
 
     flower-supernode --superlink HOST:9092 --node-config 'platform="scientific" data-path="/data/scientific"' ...
 
@@ -122,7 +122,7 @@ def test_metrics(adapted: Adapted, split: SplitData, **convention) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m client.adapt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default="", help="PEFT adapter folder (RUN/adapter); empty = a fresh LoRA")
     parser.add_argument("--data-path", required=True, help="the platform's data folder (any loader format)")
     parser.add_argument("--platform", default="", help="platform name (default: the folder's name)")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=100, help="most local epochs (early stopping after config "
                         "'patience' epochs without a better validation NDCG@10); the best on validation is kept")
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
-    add_flags(parser)
+    add_flags(parser, scopes=("model",))  # no federation, no data-dir: --data-path
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")

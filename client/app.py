@@ -5,52 +5,110 @@ every interaction stay on the node. The private state a round starts from is rea
 (client/state.py), so any process, in any Flower run of the same federation, continues where the last one left.
 Under ``aggregation = "ffa"`` only the LoRA B tensors travel; under ``secagg = true`` training messages are
 SecAgg+ stages handled by client/secagg.py around the same ``fit``.
+
+Starting is cheap: this module imports Flower and the config only. The work of a message (``work``) runs in the
+node's warm worker when the node has one (client/worker.py, started by client.launch), else here, importing
+the model libraries on first use. Every reply reports where its seconds went: ``start-process-seconds``
+(process start + Flower + this module, first message of a process only), ``start-import-seconds`` (the model
+libraries), ``start-build-seconds`` (the session), ``train-seconds`` / ``eval-seconds``, and with a worker
+``handoff-seconds`` (the round trip to it, less its work) and ``worker`` = 1.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import secagg
-from client.session import ClientSession, export_dir, state_root
-from client.state import NodeState
-from common.adapters import from_record, record_bytes, to_record
-from common.aggregation import merge_state, wire_state
+from client.node import NodeSettings
 from common.config import FEDERATION_ID, SERVER_ROUND, PollenConfig
 
 app = ClientApp()
+_PROCESS = {"fresh": True}  # the first message a process serves pays for its start
 
 
-def _open(table: ConfigRecord, arrays: ArrayRecord, context: Context, training: bool
-          ) -> tuple[ClientSession, PollenConfig, NodeState, int]:
-    """This node's session with the private state the round starts from and the received adapter loaded."""
+def _process_seconds() -> float:
+    """Seconds from this process's start to now on its first message; 0 afterwards."""
+    if not _PROCESS.pop("fresh", False):
+        return 0.0
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())
+
+
+def work(phase: str, table: dict, arrays: ArrayRecord, node_config: dict
+         ) -> tuple[ArrayRecord | None, dict[str, float], str]:
+    """Train (``phase`` "train") or evaluate from the global adapter ``arrays``, in this process:
+    (adapter to send or None, scalar metrics, platform name)."""
+    started = time.perf_counter()
+    from client.session import ClientSession  # torch, transformers, peft: once per process
+    from client.state import NodeState
+    from common.adapters import from_record, record_bytes, to_record
+    from common.aggregation import merge_state, wire_state
+
+    imported = time.perf_counter() - started
     table = dict(table)
     server_round = int(table.pop(SERVER_ROUND, 0))
     federation_id = str(table.pop(FEDERATION_ID, "default"))
     config = PollenConfig.from_flat(table)
-    node_config = dict(context.node_config)
-    session = ClientSession.open(config, node_config)
-    state = NodeState.open(state_root(config, node_config), federation_id, session.name, config)
+    node = NodeSettings.build(config, node_config)
+    session = ClientSession.open(config, node)
+    state = NodeState.open(node.state_dir, federation_id, session.name, config)
+    training = phase == "train"
     session.restore(state.load(up_to=server_round - 1 if training else server_round))
     session.set_adapter(merge_state(session.encoder, from_record(arrays)))
-    return session, config, state, server_round
+    metrics = {"start-import-seconds": imported, **session.start_costs()}
+    if training:
+        metrics.update(session.train())
+        state.save(server_round, session.checkpoint())
+        reply = to_record(wire_state(session.encoder.adapter_state(), config.privacy.aggregation),
+                          config.federation.adapter_dtype)
+        metrics["upload-bytes"] = float(record_bytes(reply))
+        metrics["download-bytes"] = float(record_bytes(arrays))
+        return reply, metrics, session.name
+    trained = server_round > 0  # round 0 is the untrained start: nothing to export
+    session.personalise()
+    metrics.update(session.evaluate(node.export_dir if trained else None))
+    state.save(server_round, session.checkpoint())  # keeps the best validation score so far
+    return None, metrics, session.name
+
+
+def run(phase: str, table: ConfigRecord, arrays: ArrayRecord, context: Context
+        ) -> tuple[ArrayRecord | None, dict[str, float], str]:
+    """The message's work in the node's worker if it has one, else here; with this process's start cost."""
+    process = _process_seconds()
+    node_config = dict(context.node_config)
+    worker = node_config.get("worker")
+    if worker:
+        from client.worker import WorkerUnavailable, call
+
+        sent = time.perf_counter()
+        try:
+            reply, metrics, name = call(str(worker), (phase, dict(table), arrays, node_config))
+            inside = sum(metrics.get(k, 0.0) for k in ("start-import-seconds", "start-build-seconds",
+                                                       "train-seconds", "eval-seconds"))
+            metrics.update({"handoff-seconds": max(0.0, time.perf_counter() - sent - inside), "worker": 1.0,
+                            "start-process-seconds": process})
+            return reply, metrics, name
+        except WorkerUnavailable as reason:
+            logging.getLogger("flwr").warning("Pollen: working in the ClientApp process: %s", reason)
+    reply, metrics, name = work(phase, table, arrays, node_config)
+    metrics.update({"start-process-seconds": process, "worker": 0.0})
+    return reply, metrics, name
 
 
 def fit(table: ConfigRecord, arrays: ArrayRecord, context: Context) -> tuple[ArrayRecord, dict[str, float], str]:
     """Local training from the global adapter ``arrays``: (adapter to send, scalar metrics, platform name)."""
-    session, config, state, server_round = _open(table, arrays, context, training=True)
-    metrics = {**session.start_costs(), **session.train()}
-    state.save(server_round, session.checkpoint())
-    reply = to_record(wire_state(session.encoder.adapter_state(), config.privacy.aggregation),
-                      config.federation.adapter_dtype)
-    metrics["upload-bytes"] = float(record_bytes(reply))
-    metrics["download-bytes"] = float(record_bytes(arrays))
-    return reply, metrics, session.name
+    reply, metrics, name = run("train", table, arrays, context)
+    return reply, metrics, name
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from client import secagg  # a light check; the SecAgg+ machinery itself only loads for secagg = true
+
     if secagg.is_secagg(msg):  # a stage of Flower's SecAgg+ protocol (config secagg = true)
         return secagg.train(msg, context, fit)
     arrays, metrics, name = fit(msg.content["config"], msg.content["arrays"], context)
@@ -61,12 +119,6 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    session, config, state, server_round = _open(msg.content["config"], msg.content["arrays"], context,
-                                                 training=False)
-    trained = server_round > 0  # round 0 is the untrained start
-    session.personalise()
-    metrics = {**session.start_costs(),
-               **session.evaluate(export_dir(config, dict(context.node_config)) if trained else None)}
-    state.save(server_round, session.checkpoint())  # keeps the best validation score so far
-    content = RecordDict({"metrics": MetricRecord(metrics), "platform": ConfigRecord({"platform": session.name})})
+    _, metrics, name = run("evaluate", msg.content["config"], msg.content["arrays"], context)
+    content = RecordDict({"metrics": MetricRecord(metrics), "platform": ConfigRecord({"platform": name})})
     return Message(content=content, reply_to=msg)

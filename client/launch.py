@@ -8,7 +8,11 @@ private key (its public key must be registered by the operator), and hands the C
 the platform name, the absolute data path (omit it to use the embedded synthetic platform of that name) and a
 home folder (``--home``) where the node keeps what survives between messages and runs: the frozen-layer cache
 (``cache``), the private training state per federation and round (``state``) and the best model (``models``).
-``--insecure`` (no TLS, no authentication) only works against an insecure SuperLink and says so loudly.
+Next to the SuperNode it runs the node's warm worker (client/worker.py): Flower starts a fresh ClientApp
+process per message, and the worker keeps the model libraries and the built session in memory across them, so
+a message no longer pays seconds of imports and building (``--no-worker``: Flower's plain way). Ctrl-C or
+SIGTERM stops both. ``--insecure`` (no TLS, no authentication) only works against an insecure SuperLink and
+says so loudly.
 """
 
 from __future__ import annotations
@@ -16,13 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from common.processes import INSECURE_WARNING, flower_binary, flower_env
 
 
-def node_config(platform: str, data_path: str | None, home: Path, threads: int = 0, device: str = "") -> str:
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def node_config(platform: str, data_path: str | None, home: Path, threads: int = 0, device: str = "",
+                worker: bool = False) -> str:
     """The ``--node-config`` string (TOML values; paths absolute: apps run in the SuperNode's folder)."""
     values: dict[str, object] = {"platform": platform}
     if data_path:
@@ -38,14 +49,18 @@ def node_config(platform: str, data_path: str | None, home: Path, threads: int =
         values["threads"] = threads
     if device:
         values["device"] = device
+    if worker:
+        values["worker"] = str(home / "worker.sock")
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
 def supernode_command(superlink: str, platform: str, data_path: str | None, home: Path, ca: Path | None,
-                      key: Path | None, port: int = 9094, threads: int = 0, device: str = "") -> list[str]:
-    """flower-supernode with TLS and authentication (ca and key None: insecure)."""
+                      key: Path | None, port: int = 9094, threads: int = 0, device: str = "",
+                      worker: bool = False) -> list[str]:
+    """flower-supernode with TLS and authentication (ca and key None: insecure); ``worker``: its messages go to
+    the warm worker in ``home`` (``run_node`` starts it)."""
     command = [flower_binary("flower-supernode"), "--superlink", superlink, "--port", str(port),
-               "--node-config", node_config(platform, data_path, home, threads, device)]
+               "--node-config", node_config(platform, data_path, home, threads, device, worker)]
     if ca is None or key is None:
         return command + ["--insecure"]
     for path, what in ((ca, "CA certificate (from the operator)"), (key, "private key (python -m server.certs)")):
@@ -67,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     parser.add_argument("--device", default="", help="auto, cpu, cuda or cuda:N (default: the run's setting)")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no authentication (trials only)")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="no warm worker: every message imports and builds the model in its own process")
     args = parser.parse_args(argv)
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
@@ -74,12 +91,57 @@ def main(argv: list[str] | None = None) -> int:
         command = supernode_command(args.superlink, args.platform, args.data_path, Path(args.home),
                                     None if args.insecure else Path(args.ca),
                                     None if args.insecure else Path(args.key or f"{args.platform}.key"),
-                                    args.port, args.threads, args.device)
+                                    args.port, args.threads, args.device, worker=not args.no_worker)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not args.no_worker:
+        return run_node(command, Path(args.home).expanduser().resolve())
     print("starting:", " ".join(command), flush=True)
     os.execve(command[0] if os.path.isabs(command[0]) else _which(command[0]), command, flower_env())
+
+
+def run_node(command: list[str], home: Path, ready_timeout: float = 600.0) -> int:
+    """The warm worker, then (once it listens) the SuperNode; both stop together. Returns the SuperNode's code."""
+    from client.worker import SOCKET
+
+    socket_path = home / SOCKET
+    socket_path.unlink(missing_ok=True)
+    print(f"starting the warm worker (python -m client.worker --home {home})", flush=True)
+    worker = subprocess.Popen([sys.executable, "-m", "client.worker", "--home", str(home)], env=flower_env(),
+                              cwd=PROJECT)
+    children = [worker]
+
+    def stop(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while not socket_path.exists():
+            if worker.poll() is not None:
+                print(f"error: the warm worker exited with code {worker.returncode}; start with --no-worker to run "
+                      "without it", file=sys.stderr)
+                return 1
+            if time.monotonic() > deadline:
+                print(f"error: the warm worker is not ready after {ready_timeout:.0f}s", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        print("starting:", " ".join(command), flush=True)
+        supernode = subprocess.Popen(command, env=flower_env())
+        children.append(supernode)
+        return supernode.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
 
 def _which(name: str) -> str:

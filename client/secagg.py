@@ -10,15 +10,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
-from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.compat.common import recorddict_compat as compat
 
-from client.session import ClientSession
-from common.aggregation import wire_state
+from client.node import NodeSettings
 from common.config import FEDERATION_ID, SERVER_ROUND, PollenConfig
 
 Fit = Callable[[ConfigRecord, ArrayRecord, Context], tuple[ArrayRecord, dict, str]]
@@ -29,13 +24,23 @@ def is_secagg(msg: Message) -> bool:
 
 
 def train(msg: Message, context: Context, fit: Fit) -> Message:
+    from flwr.client.mod import secaggplus_mod
+
     return secaggplus_mod(msg, context, lambda m, c: legacy_fit(m, c, fit))
 
 
 def legacy_fit(msg: Message, context: Context, fit: Fit) -> Message:
+    import torch
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from client.session import ClientSession
+    from common.aggregation import wire_state
+
     ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     table = {k: v for k, v in ins.config.items() if k not in (SERVER_ROUND, FEDERATION_ID)}
-    session = ClientSession.open(PollenConfig.from_flat(table), dict(context.node_config))
+    config = PollenConfig.from_flat(table)
+    session = ClientSession.open(config, NodeSettings.build(config, dict(context.node_config)))
     expected = wire_state(session.encoder.adapter_state(), session.config.privacy.aggregation)
     received = parameters_to_ndarrays(ins.parameters)
     if len(received) != len(expected):

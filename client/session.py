@@ -1,8 +1,9 @@
 """A platform's local side of the federation: its data, model and private state, kept between messages.
 
-Objects live for the life of the process (a Ray actor in simulation; one message in deployment, where the
-Deployment Engine starts a fresh process per message, so building must be cheap: the frozen-layer item states
-come from the disk cache). One process may serve many simulated clients (silos): they share one encoder (each
+Objects live for the life of the process: a Ray actor in simulation; in deployment the node's warm worker
+(client/worker.py), or one message where the node runs without one (the Deployment Engine starts a fresh
+process per message, so building must be cheap: the frozen-layer item states come from the disk cache). Where
+the node's data, state and exports live is decided once, in its ``NodeSettings`` (client/node.py). One process may serve many simulated clients (silos): they share one encoder (each
 message loads the global adapter into it first) and one copy of each platform's frozen-bottom item states, so a
 session adds only its head. The private state (head, optimiser, RNG) is restored from the node's disk before
 every message (client/state.py). Whenever the validation NDCG@10 improves, the platform's model is exported
@@ -11,22 +12,26 @@ for serving (client/export.py).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import pickle
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 from client.export import export_model
+from client.node import NodeSettings
 from client.state import training_settings
 from common.aggregation import freeze_untravelled
 from common.config import PollenConfig
-from common.data.sources import load_split, simulated_client
+from common.data.sources import load_split
+from common.data.split import SplitData
 from common.model.encoder import TextEncoder, cached_item_states
 from common.model.recommender import Recommender
-from common.runtime import configure_threads, default_cache_dir, resolve_device
+from common.runtime import configure_threads, resolve_device
 from common.train import Platform, Trainer
 
 _SESSIONS: dict[str, "ClientSession"] = {}
@@ -47,7 +52,34 @@ def _build_encoder(config: PollenConfig, device: torch.device) -> tuple[TextEnco
     return encoder, torch.get_rng_state()  # sessions start their heads from this RNG state, shared or not
 
 
-_PROCESS = {"fresh": True}  # the first message a process serves pays for its imports
+def cached_split(config: PollenConfig, name: str, data_path: str | None, silo: int | None,
+                 cache_dir: str | None) -> SplitData:
+    """``load_split``, kept parsed on the node's disk (``cache_dir/splits``) for the next process.
+
+    Valid while nothing it came from changes: the key holds the data settings, the platform, silo and folder,
+    every file of that folder (name, size, modification time) and the code that parses and splits
+    (common/data/*.py); anything else is a new key, so a stale split is never read."""
+    if not cache_dir:
+        return load_split(config.data, name, data_path, silo)
+    folder = Path(data_path) if data_path else (
+        Path(config.data.data_dir) / dict(config.data.platform_paths()).get(name, name) if config.data.data_dir
+        else None)
+    files = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in folder.rglob("*") if p.is_file()) if folder is not None and folder.is_dir() else []
+    code = sorted((p.name, p.read_bytes().hex()) for p in Path(load_split.__code__.co_filename).parent.glob("*.py"))
+    key = json.dumps([vars(config.data), name, silo, str(folder), files, code], sort_keys=True, default=str)
+    path = Path(cache_dir) / "splits" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pkl"
+    if path.is_file():
+        try:
+            return pickle.loads(path.read_bytes())
+        except Exception:  # noqa: BLE001  (a damaged cache file is rebuilt)
+            pass
+    split = load_split(config.data, name, data_path, silo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(pickle.dumps(split, protocol=pickle.HIGHEST_PROTOCOL))
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
+    return split
 
 
 class ClientSession:
@@ -55,7 +87,7 @@ class ClientSession:
                  silo: int | None = None):
         self.config = config
         self.device = resolve_device(device)
-        split = load_split(config.data, name, data_path, silo)
+        split = cached_split(config, name, data_path, silo, cache_dir)
         key = [vars(config.model), config.privacy.aggregation, config.train.seed, str(self.device)]
         self.encoder, rng = _shared(["encoder", *key], lambda: _build_encoder(config, self.device))
         states = _shared(["states", *key, name, data_path, vars(config.data)],
@@ -71,24 +103,20 @@ class ClientSession:
         self.fresh_state = self.checkpoint()  # what a node that never trained starts from
 
     @classmethod
-    def open(cls, config: PollenConfig, node_config: dict) -> "ClientSession":
+    def open(cls, config: PollenConfig, node: NodeSettings) -> "ClientSession":
         """The session for this node's platform, built once per process and reused."""
-        opened = time.time()
-        imports = opened - psutil.Process().create_time() if _PROCESS.pop("fresh", False) else 0.0
-        configure_threads(int(node_config.get("threads", config.train.threads)))
-        name, data_path, silo = node_platform(config, node_config)
-        cache_dir = str(node_config.get("cache-dir", default_cache_dir()))
-        device = str(node_config.get("device", config.train.device))
-        key = json.dumps([name, silo, data_path, device, training_settings(config)], sort_keys=True)
+        opened = time.perf_counter()
+        configure_threads(node.threads)
+        key = json.dumps([node.platform, node.silo, node.data_path, node.device, training_settings(config)],
+                         sort_keys=True)
         if key not in _SESSIONS:
-            _SESSIONS[key] = cls(config, name, data_path, cache_dir, device, silo)
+            _SESSIONS[key] = cls(config, node.platform, node.data_path, node.cache_dir, node.device, node.silo)
         session = _SESSIONS[key]
-        session.costs = {"start-process-seconds": imports, "start-build-seconds": time.time() - opened}
+        session.costs = {"start-build-seconds": time.perf_counter() - opened}
         return session
 
     def start_costs(self) -> dict[str, float]:
-        """What this message paid before its work: process start + imports (first message of a process only)
-        and building the session (0 when the process already had it)."""
+        """What this message paid for building the session (0 when the process already had it)."""
         return dict(self.costs)
 
     @property
@@ -143,32 +171,3 @@ class ClientSession:
             export_model(Path(export_dir) / self.name, self.platform, self.config, metrics)
         metrics["eval-seconds"] = time.perf_counter() - start
         return metrics
-
-
-def export_dir(config: PollenConfig, node_config: dict) -> str | None:
-    """A deployed node exports where its node config says; a simulated one into the run folder."""
-    if "export-dir" in node_config:
-        return str(node_config["export-dir"])
-    if "platform" not in node_config and config.federation.run_dir:
-        return str(Path(config.federation.run_dir) / "models")
-    return None
-
-
-def state_root(config: PollenConfig, node_config: dict) -> str:
-    """Where a node keeps its private state: its node config's state-dir, a simulated node's run folder, or the
-    node's cache folder."""
-    if "state-dir" in node_config:
-        return str(node_config["state-dir"])
-    if "platform" not in node_config and config.federation.run_dir:
-        return str(Path(config.federation.run_dir) / "client-state")
-    return str(Path(str(node_config.get("cache-dir", default_cache_dir()))) / "state")
-
-
-def node_platform(config: PollenConfig, node_config: dict) -> tuple[str, str | None, int | None]:
-    """(platform name, data path, silo): a deployed node names its platform and data (all of it, silo None);
-    a simulated node is given a partition id, which names a platform and one of its silos."""
-    if "platform" in node_config:
-        return (str(node_config["platform"]), node_config.get("data-path") and str(node_config["data-path"]),
-                None)
-    name, silo = simulated_client(config.data, int(node_config.get("partition-id", 0)))
-    return name, None, silo

@@ -17,13 +17,24 @@ BENCHMARK_PLATFORMS = ("ecommerce=ecommerce/amazon-office-2014,social=social/las
 
 @dataclass
 class DataConfig:
-    data_dir: str = ""              # folder of platform folders; empty = the embedded synthetic data
-    platforms: str = BENCHMARK_PLATFORMS  # name=relative/path pairs under data_dir, one client each
-    k_core: int = 0                 # drop users/items with fewer interactions (0 = keep all)
-    max_len: int = 50               # most recent history items the head sees
-    synthetic_seed: int = 0
+    """data: where the platforms come from"""
+
+    data_dir: str = field(default="", metadata={
+        "help": "folder of platform folders; empty = the embedded synthetic data (3 small platforms)",
+        "values": "a folder path, or empty", "scope": "data"})
+    platforms: str = field(default=BENCHMARK_PLATFORMS, metadata={
+        "help": "the platforms under data-dir, one client each (ignored without data-dir)",
+        "values": "name=relative/folder pairs separated by commas", "scope": "data"})
+    k_core: int = field(default=0, metadata={
+        "help": "drop users and items with fewer interactions than this (0 = keep all)", "values": ">= 0"})
+    max_len: int = field(default=50, metadata={
+        "help": "most recent history items the head sees", "values": ">= 1"})
+    synthetic_seed: int = field(default=0, metadata={
+        "help": "seed of the embedded synthetic data (used without data-dir)", "values": "any integer"})
     # speed and scale (issue 6)
-    clients_per_platform: int = 1   # simulation: each platform's users split into this many silos, one client each
+    clients_per_platform: int = field(default=1, metadata={
+        "help": "simulation: each platform's users are dealt into this many silos, one client each",
+        "values": ">= 1", "scope": "federation"})
 
     def platform_paths(self) -> list[tuple[str, str]]:
         pairs = []
@@ -37,22 +48,46 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    base_model: str = ""            # local Hugging Face folder; empty = the shipped all-MiniLM-L6-v2
-    text: bool = True               # False = ID-only SASRec (no text encoder)
-    lora_layers: int = 0            # LoRA in the top k transformer layers (0 = frozen encoder: measured better); the frozen bottom is cached per item
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: str = "query,value"
-    max_tokens: int = 0             # item text truncation; 0 = per catalogue, the length >= 95% of its texts fit (<= 128)
-    hidden_size: int = 64           # head width
-    head_layers: int = 2
-    head_heads: int = 2
-    dropout: float = 0.2
-    adaptor_experts: int = 1        # text -> head adaptor: 1 = one whitening projection, > 1 = UniSRec's mixture of experts
-    temperature: float = 0.0        # logits: 0 = dot product; > 0 = cosine / temperature (UniSRec uses 0.07)
-    item_ids: bool = True           # fuse platform-private item-ID embeddings with the text vectors
-    fusion: str = "learned"         # theta, the weight of text vs IDs: "learned" or a number in [0, 1]
-    rating_weight: float = 0.0      # > 0: the head also predicts explicit ratings, MSE at this weight (0 = off)
+    """model: the text encoder (frozen, optional LoRA), the shared adaptor + sequence encoder, the private head"""
+
+    base_model: str = field(default="", metadata={
+        "help": "local Hugging Face model folder; empty = the shipped all-MiniLM-L6-v2",
+        "values": "a folder path, or empty"})
+    text: bool = field(default=True, metadata={
+        "help": "use item texts through the encoder; false = ID-only SASRec (no encoder, no adapter)"})
+    lora_layers: int = field(default=0, metadata={
+        "help": "LoRA in the top k transformer layers; the frozen layers below are cached per item "
+                "(0 = the whole encoder frozen, the measured better default)",
+        "values": ">= 0"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r", "values": ">= 1"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha/r)",
+                                                      "values": "> 0"})
+    lora_targets: str = field(default="query,value", metadata={
+        "help": "the linear maps of each LoRA layer that get an adapter",
+        "values": "comma-separated module names, e.g. query,key,value,dense"})
+    max_tokens: int = field(default=0, metadata={
+        "help": "item text truncation, in tokens; 0 = per catalogue, the length that >= 95% of its texts fit "
+                "(at most 128)", "values": ">= 0"})
+    hidden_size: int = field(default=64, metadata={"help": "width of the head (adaptor output, sequence encoder)",
+                                                   "values": ">= 1"})
+    head_layers: int = field(default=2, metadata={"help": "transformer layers of the head's user encoder",
+                                                  "values": ">= 1"})
+    head_heads: int = field(default=2, metadata={"help": "attention heads of the head's user encoder",
+                                                 "values": ">= 1, dividing hidden-size"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout in the sequence encoder", "values": "[0, 1)"})
+    adaptor_experts: int = field(default=1, metadata={
+        "help": "text adaptor: 1 = one whitening projection (x - b) W; more = UniSRec's gated mixture of them",
+        "values": ">= 1"})
+    temperature: float = field(default=0.0, metadata={
+        "help": "logits: 0 = dot product of user state and item vector; > 0 = cosine / temperature (UniSRec 0.07)",
+        "values": ">= 0"})
+    item_ids: bool = field(default=True, metadata={
+        "help": "fuse platform-private item-ID embeddings with the text vectors"})
+    fusion: str = field(default="learned", metadata={
+        "help": "theta, the weight of text against item IDs in an item's vector",
+        "values": "'learned' or a number in [0, 1]"})
+    rating_weight: float = field(default=0.0, metadata={
+        "help": "> 0: the head also predicts explicit ratings, MSE loss at this weight", "values": ">= 0 (0 = off)"})
 
     def fusion_theta(self) -> float | None:
         if self.fusion == "learned":
@@ -68,47 +103,90 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    local_epochs: int = 1           # epochs per federated round (the whole budget for a local method = rounds x this)
-    batch_size: int = 128
-    lr: float = 1e-3                # head, text adaptor and sequence encoder
-    lora_lr: float = 1e-3
-    weight_decay: float = 0.0
-    live_items: int = 32            # items per step re-encoded with gradient; the rest come from a per-epoch table
-    loss: str = "softmax"           # "softmax" over the whole catalogue, or "sampled" negatives
-    negatives: int = 256            # for loss = "sampled"
-    seed: int = 42
-    threads: int = 0                # torch threads; 0 = all cores of this process
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    max_steps: int = 0              # cap on optimiser steps per epoch (0 = the full epoch): a reduced, equal budget
-    patience: int = 10              # early stopping: stop after this many epochs (rounds) without a better validation NDCG@10; 0 = never
+    """train: the local training loop"""
+
+    local_epochs: int = field(default=1, metadata={
+        "help": "epochs per federated round (a local method's whole budget = num-rounds x this)", "values": ">= 1"})
+    batch_size: int = field(default=128, metadata={"help": "training sequences per step", "values": ">= 1"})
+    lr: float = field(default=1e-3, metadata={
+        "help": "AdamW learning rate of the head, text adaptor and sequence encoder", "values": "> 0"})
+    lora_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA adapter",
+                                                    "values": "> 0"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "values": ">= 0"})
+    live_items: int = field(default=32, metadata={
+        "help": "items per step re-encoded with gradient; the rest come from a table refreshed each epoch",
+        "values": ">= 1"})
+    loss: str = field(default="softmax", metadata={
+        "help": "softmax over the whole catalogue, or over sampled negatives", "choices": ("softmax", "sampled")})
+    negatives: int = field(default=256, metadata={"help": "negatives per step for loss = sampled",
+                                                  "values": ">= 1"})
+    seed: int = field(default=42, metadata={"help": "seed of the adapter's start, the head and the data order",
+                                            "values": "any integer"})
+    threads: int = field(default=0, metadata={
+        "help": "torch threads of this process", "values": ">= 0 (0 = what the process was given, else all cores)"})
+    device: str = field(default="auto", metadata={"help": "where the model runs (auto = the GPU when there is one)",
+                                                  "values": "auto | cpu | cuda | cuda:N"})
+    max_steps: int = field(default=0, metadata={
+        "help": "cap on optimiser steps per epoch: a reduced, equal budget", "values": ">= 0 (0 = the full epoch)"})
+    patience: int = field(default=10, metadata={
+        "help": "early stopping: stop after this many epochs (rounds) without a better validation NDCG@10",
+        "values": ">= 0 (0 = never)"})
 
 
 @dataclass
 class FederationConfig:
-    num_rounds: int = 5
-    min_clients: int = 3            # replies needed to aggregate a round
-    round_timeout: float = 1800.0   # seconds to wait for replies
-    run_dir: str = ""               # where the server writes adapters and metrics; empty = runs/<time>
-    personalise: bool = True        # members evaluate/serve the global adapters after their own local training of the round
+    """federation: rounds, the server's wait and the run folder"""
+
+    num_rounds: int = field(default=5, metadata={"help": "federated rounds (round 0 evaluates the start)",
+                                                 "values": ">= 1", "scope": "federation"})
+    min_clients: int = field(default=3, metadata={"help": "acceptable replies needed to aggregate a round",
+                                                  "values": ">= 1", "scope": "federation"})
+    round_timeout: float = field(default=1800.0, metadata={
+        "help": "seconds the server waits for nodes and replies in a round", "values": "> 0",
+        "scope": "federation"})
+    run_dir: str = field(default="", metadata={
+        "help": "where results, plots and adapters are written", "values": "a folder path; empty = runs/<time>",
+        "scope": "run"})
+    personalise: bool = field(default=True, metadata={
+        "help": "members evaluate and serve the round's global adapters after their own local training "
+                "(false: the global adapters as received)", "scope": "federation"})
     # speed and scale (issue 6)
-    adapter_dtype: str = "float32"  # adapter on the wire, both directions: float32 | float16 (averaged in float32)
+    adapter_dtype: str = field(default="float32", metadata={
+        "help": "the adapter's dtype on the wire, both ways (averaged in float32)",
+        "choices": ("float32", "float16"), "scope": "federation"})
 
 
 @dataclass
 class PrivacyConfig:
-    """Secure aggregation, user-level DP-SGD, LoRA aggregation and the checks on updates (common/privacy.py)."""
+    """privacy: secure aggregation, user-level DP-SGD, LoRA aggregation and the checks on updates"""
 
-    secagg: bool = False            # Flower SecAgg+: the server only ever sees the masked sum of the adapters
-    aggregation: str = "fedavg"     # "fedavg": average A and B; "ffa": A frozen at its shared start, only B trained
-    aggregator: str = "mean"        # "mean" (weighted by training sequences), "median", "trimmed-mean" (per entry)
-    trim_ratio: float = 0.2         # fraction cut at each end by "trimmed-mean" (at least one when >= 3 replies)
-    update_norm_factor: float = 10.0  # reject an update (reply - global) whose norm > this x the round's median; 0 = off
-    max_update_norm: float = 0.0    # reject an update whose L2 norm exceeds this; 0 = off
-    dp_epsilon: float = 0.0         # user-level DP-SGD: target epsilon over all rounds (calibrates dp-noise); 0 = off
-    dp_noise: float = 0.0           # noise multiplier sigma when dp-epsilon = 0; both 0 = no DP
-    dp_clip: float = 1.0            # L2 bound on one user's gradient (adapter + head)
-    dp_delta: float = 0.0           # delta of the reported epsilon; 0 = 1 / training users of the platform
-    secagg_max_weight: float = 10000.0  # SecAgg+ weights = training sequences / this (keep >= the largest client)
+    secagg: bool = field(default=False, metadata={
+        "help": "Flower SecAgg+: the server only ever sees the masked sum of the adapters", "scope": "federation"})
+    aggregation: str = field(default="fedavg", metadata={
+        "help": "fedavg: average LoRA A and B; ffa: A frozen at its shared start, only B trained and sent",
+        "choices": ("fedavg", "ffa"), "scope": "federation"})
+    aggregator: str = field(default="mean", metadata={
+        "help": "how the server combines updates: weighted mean, or per-entry median / trimmed mean",
+        "choices": ("mean", "median", "trimmed-mean"), "scope": "federation"})
+    trim_ratio: float = field(default=0.2, metadata={
+        "help": "fraction cut at each end by trimmed-mean (at least one reply when >= 3)", "values": "[0, 0.5)",
+        "scope": "federation"})
+    update_norm_factor: float = field(default=10.0, metadata={
+        "help": "reject an update whose norm exceeds this x the round's median norm",
+        "values": "0 (off) or >= 1", "scope": "federation"})
+    max_update_norm: float = field(default=0.0, metadata={
+        "help": "reject an update whose L2 norm exceeds this", "values": ">= 0 (0 = off)", "scope": "federation"})
+    dp_epsilon: float = field(default=0.0, metadata={
+        "help": "user-level DP-SGD: target epsilon over all rounds (calibrates the noise)", "values": ">= 0 (0 = off)"})
+    dp_noise: float = field(default=0.0, metadata={
+        "help": "DP-SGD noise multiplier sigma, used when dp-epsilon = 0", "values": ">= 0 (both 0 = no DP)"})
+    dp_clip: float = field(default=1.0, metadata={"help": "L2 bound on one user's gradient (adapter + head)",
+                                                  "values": "> 0"})
+    dp_delta: float = field(default=0.0, metadata={"help": "delta of the reported epsilon",
+                                                   "values": "[0, 1) (0 = 1 / training users)"})
+    secagg_max_weight: float = field(default=10000.0, metadata={
+        "help": "SecAgg+ weights are training sequences / this (keep it >= the largest client)", "values": "> 0",
+        "scope": "federation"})
 
     @property
     def dp(self) -> bool:
@@ -210,16 +288,64 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         raise ValueError(f"config '{key}': expected {kind.__name__}, got {value!r}") from None
 
 
-def add_flags(parser: argparse.ArgumentParser, defaults: PollenConfig | None = None) -> None:
-    """One --flag per config key, defaulting to ``defaults``."""
-    for key, value in (defaults or PollenConfig()).to_flat().items():
+SCOPES = ("model", "data", "run", "federation")
+"""Which commands a setting concerns (its metadata "scope", default "model"): "model" shapes the data, model or
+training of any command that trains; "data" finds the platforms under a data folder (drivers); "run" is a
+driver's output folder; "federation" matters only where a federation runs."""
+
+
+def settings() -> list[tuple[str, str, Any]]:
+    """Every setting as (section, kebab-case key, dataclass field), in declaration order."""
+    return [(section, f.name.replace("_", "-"), f) for section, klass in SECTIONS.items() for f in fields(klass)]
+
+
+def describe(f: Any, default: Any) -> str:
+    """A setting's one line of help: meaning, default and allowed values, from its field metadata."""
+    meta = f.metadata
+    if "help" not in meta:
+        raise ValueError(f"config field {f.name!r} has no metadata help: declare it as "
+                         "field(default=..., metadata={\"help\": \"...\"})")
+    if "choices" in meta:
+        values = " | ".join(meta["choices"])
+    elif isinstance(default, bool):
+        values = "true | false"
+    else:
+        values = meta.get("values", {int: "integer", float: "number", str: "text"}.get(type(default), ""))
+    shown = str(default).lower() if isinstance(default, bool) else (repr(default) if default == "" else default)
+    return f"{meta['help']} [default: {shown}; {values}]"
+
+
+def add_flags(parser: argparse.ArgumentParser, defaults: PollenConfig | None = None,
+              scopes: tuple[str, ...] = SCOPES) -> None:
+    """One --flag per setting of the given ``scopes``, defaulting to ``defaults``, grouped by section, each with
+    its one line of help from the field's metadata. Settings outside ``scopes`` get no flag but keep their
+    default in the parsed namespace, so ``from_args`` builds the whole config either way."""
+    unknown = set(scopes) - set(SCOPES)
+    if unknown:
+        raise ValueError(f"add_flags: unknown scope(s) {sorted(unknown)}; known: {SCOPES}")
+    values = (defaults or PollenConfig()).to_flat()
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    hidden = {}
+    for section, key, f in settings():
+        value, dest = values[key], key.replace("-", "_")
+        if f.metadata.get("scope", "model") not in scopes:
+            hidden[dest] = value
+            continue
+        if section not in groups:
+            title = (SECTIONS[section].__doc__ or section).strip().split("\n")[0]
+            groups[section] = parser.add_argument_group(f"{title} (common/config.py)")
         kind = type(value)
-        parser.add_argument(f"--{key}", dest=key.replace("-", "_"), default=value,
-                            type=(lambda s, k=key: _coerce(k, s, bool)) if kind is bool else kind,
-                            metavar=kind.__name__.upper())
+        choices = f.metadata.get("choices")
+        groups[section].add_argument(
+            f"--{key}", dest=dest, default=value, choices=choices,
+            type=(lambda s, k=key: _coerce(k, s, bool)) if kind is bool else kind,
+            metavar="{" + ",".join(choices) + "}" if choices else "BOOL" if kind is bool else kind.__name__.upper(),
+            help=describe(f, value).replace("%", "%%"))
+    parser.set_defaults(**hidden)
 
 
 def from_args(args: argparse.Namespace) -> PollenConfig:
+    """The config from a namespace filled by ``add_flags`` (every key is there, flag or not)."""
     known = PollenConfig().to_flat()
     return PollenConfig.from_flat({k: getattr(args, k.replace("-", "_")) for k in known})
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the functions that need it: importing this module stays cheap
+    import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,13 +21,17 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", categor
 
 def configure_threads(threads: int = 0) -> int:
     """Use ``threads`` (0 = what the process was given: OMP_NUM_THREADS, e.g. 1 per Ray actor, else all cores)."""
+    import torch
+
     n = threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1)
     torch.set_num_threads(n)
     return n
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto") -> "torch.device":
     """'auto' picks the GPU when there is one; an explicit 'cuda' without one is an error, not a silent CPU run."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

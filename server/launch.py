@@ -9,6 +9,9 @@
     # data scientist: submit the federation, follow its log, exit 1 unless it finished without error
     python -m server.launch run --run-config 'num-rounds=10 run-dir="/srv/pollen/runs/first"'
 
+    # anyone who used plain `flwr run .` (local simulation): stop the local SuperLink it left running, and only it
+    python -m server.launch stop-local
+
 A run started on a run-dir that holds a checkpoint resumes after its last finished round (server/app.py).
 ``--insecure`` (no TLS, no node authentication) exists for a quick local trial and says so loudly.
 """
@@ -23,6 +26,8 @@ import time
 from pathlib import Path
 
 from common.processes import INSECURE_WARNING, flower_binary, flower_env, wait_for_port
+
+LOCAL_SUPERLINK_LOG = ("local-superlink", "superlink.log")  # where `flwr run` tells its local SuperLink to log
 
 CONNECTION = "pollen"
 FINISHED = "finished"
@@ -116,12 +121,88 @@ def wait_run(connection: str, run_id: int, timeout: float, poll: float = 3.0) ->
         time.sleep(poll)
 
 
+# -- the local SuperLink of `flwr run .` ----------------------------------------------------------------
+def local_superlink_processes(flwr_home: Path) -> list:
+    """The processes a plain ``flwr run .`` left running for this ``flwr_home``: the local SuperLink it starts
+    detached (recognised by its ``--log-file FLWR_HOME/local-superlink/superlink.log``, owned by this user), its
+    process tree, and any SuperExec that names it as ``--parent-pid``. Nobody else's processes."""
+    import os
+
+    import psutil
+
+    log_file = str(flwr_home.joinpath(*LOCAL_SUPERLINK_LOG).resolve())
+    found: dict[int, psutil.Process] = {}
+    everything = list(psutil.process_iter(["cmdline", "uids"]))
+    for process in everything:
+        command = process.info["cmdline"] or []
+        if (process.info["uids"] and process.info["uids"].real == os.getuid()
+                and any(Path(part).name == "flower-superlink" for part in command[:2])
+                and _option(command, "--log-file") == log_file):
+            found[process.pid] = process
+            for child in _children(process):
+                found.setdefault(child.pid, child)
+    links = {str(pid) for pid in found}
+    for process in everything:  # a SuperExec whose SuperLink died is no child any more, but still names it
+        if _option(process.info["cmdline"] or [], "--parent-pid") in links:
+            found.setdefault(process.pid, process)
+    return list(found.values())
+
+
+def stop_local_superlink(flwr_home: Path, grace: float = 10.0, dry_run: bool = False) -> list[str]:
+    """Stop what ``local_superlink_processes`` finds (SIGTERM, SIGKILL after ``grace`` s); returns what it saw."""
+    import psutil
+
+    processes = local_superlink_processes(flwr_home)
+    seen = [f"{p.pid} {' '.join(_cmdline(p))[:160]}" for p in processes]
+    if dry_run or not processes:
+        return seen
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    return seen
+
+
+def _option(command: list[str], name: str) -> str | None:
+    for i, part in enumerate(command):
+        if part == name and i + 1 < len(command):
+            return command[i + 1]
+        if part.startswith(name + "="):
+            return part[len(name) + 1:]
+    return None
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _children(process) -> list:
+    import psutil
+
+    try:
+        return process.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
 # -- command line --------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "insecure", False):
         print(INSECURE_WARNING, file=sys.stderr)
-    return {"superlink": _superlink, "connect": _connect, "run": _run}[args.command](args)
+    return {"superlink": _superlink, "connect": _connect, "run": _run, "stop-local": _stop_local}[args.command](args)
 
 
 def _superlink(args: argparse.Namespace) -> int:
@@ -171,6 +252,18 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if info["status"] == "finished:completed" else 1
 
 
+def _stop_local(args: argparse.Namespace) -> int:
+    from flwr.supercore.utils import get_flwr_home
+
+    home = Path(args.flwr_home).expanduser() if args.flwr_home else get_flwr_home()
+    seen = stop_local_superlink(home, dry_run=args.dry_run)
+    if not seen:
+        print(f"no local SuperLink of {home} is running")
+    for line in seen:
+        print(("would stop " if args.dry_run else "stopped ") + line)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m server.launch", description=__doc__.split("\n")[0],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
@@ -194,6 +287,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--app", default=".", help="the Pollen project folder (default: the current one)")
     run.add_argument("--run-config", default="", help="settings, e.g. 'num-rounds=10 run-dir=\"/abs/run\"'")
     run.add_argument("--timeout", type=float, default=24 * 3600, help="give up waiting after this many seconds")
+    stop = commands.add_parser("stop-local", help="stop the local SuperLink a plain `flwr run .` left running "
+                                                  "(this user's, this FLWR_HOME's; nothing else)")
+    stop.add_argument("--flwr-home", default="", help="the FLWR_HOME `flwr run` used (default: $FLWR_HOME or ~/.flwr)")
+    stop.add_argument("--dry-run", action="store_true", help="only list the processes it would stop")
     return parser
 
 

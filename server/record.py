@@ -15,6 +15,7 @@ from typing import Callable
 from common.files import write_atomic, write_json
 
 SHOWN = "test-ndcg@10"
+VALID = "valid-ndcg@10"
 
 
 class RunRecord:
@@ -95,6 +96,17 @@ class RunRecord:
         return buffer.getvalue()
 
     def _plot(self) -> None:
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        write_atomic(self.run_dir / "ndcg_per_round.png", buffer.getvalue())
+
+    def figure(self):
+        """NDCG@10 per platform per round: test solid, validation dashed, each platform's best validation
+        round (its reported model) starred; every kind of line is in the legend."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -102,16 +114,23 @@ class RunRecord:
 
         fig, ax = plt.subplots(figsize=(7, 4))
         names = sorted({n for per in self.evaluations.values() for n in per})
+        best, marked = self.selected(), False
         for name in names:
             rounds = [r for r in sorted(self.evaluations) if name in self.evaluations[r]]
-            line, = ax.plot(rounds, [self.evaluations[r][name][SHOWN] for r in rounds], marker="o", label=name)
-            ax.plot(rounds, [self.evaluations[r][name]["valid-ndcg@10"] for r in rounds], ls="--",
-                    color=line.get_color(), alpha=0.5)
+            line, = ax.plot(rounds, [self.evaluations[r][name][SHOWN] for r in rounds], marker="o", ls="-",
+                            label=f"{name} test")
+            ax.plot(rounds, [self.evaluations[r][name][VALID] for r in rounds], marker="o", ls="--",
+                    color=line.get_color(), alpha=0.6, label=f"{name} validation")
+            if name in best:  # the reported model: the trained round with the best validation NDCG@10
+                r = best[name]["round"]
+                ax.plot([r], [self.evaluations[r][name][VALID]], marker="*", ms=14, ls="none",
+                        color=line.get_color(), markeredgecolor="black")
+                marked = True
+        if marked:  # one legend entry for the stars, in no platform's colour
+            ax.plot([], [], marker="*", ms=12, ls="none", color="white", markeredgecolor="black",
+                    label="best validation round")
         ax.set(xlabel="round (0 = before training)", ylabel="NDCG@10 (full ranking)",
                title="Pollen federation: test (solid) and validation (dashed) NDCG@10")
-        ax.legend()
+        ax.legend(fontsize="small", ncol=2)
         ax.grid(alpha=0.3)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        write_atomic(self.run_dir / "ndcg_per_round.png", buffer.getvalue())
+        return fig

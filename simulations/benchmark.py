@@ -306,7 +306,7 @@ def run_seeds_in_parallel(config: PollenConfig, methods: tuple[str, ...], seeds:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m simulations.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(
         METHODS + OPTIONAL + tuple(FEDERATED_VARIANTS)))
     parser.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 42,43,44: every method runs once "

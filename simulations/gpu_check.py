@@ -69,11 +69,11 @@ def run_on(device: str, config: PollenConfig, name: str, epochs: int, cache_dir:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m simulations.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", default="cpu,cuda", help="comma-separated torch devices to compare")
     parser.add_argument("--epochs", type=int, default=2, help="local epochs on each device")
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
-    add_flags(parser)
+    add_flags(parser, scopes=("model", "data", "run"))
     args = parser.parse_args(argv)
     config = from_args(args).replace(**{"local-epochs": 1})
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]

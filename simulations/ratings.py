@@ -62,11 +62,12 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m simulations.ratings", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="video/movielens-100k", help="platform folder, under --data-dir or a path")
     parser.add_argument("--epochs", type=int, default=10, help="epochs per trained model")
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
-    add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data", "rating-weight": 1.0}))
+    add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data", "rating-weight": 1.0}),
+              scopes=("model", "data", "run"))
     args = parser.parse_args(argv)
     config = from_args(args)
     if args.epochs < 1 or config.model.rating_weight <= 0:

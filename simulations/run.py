@@ -13,23 +13,87 @@ import argparse
 import logging
 import os
 import time
+import warnings
 
-from common import runtime  # noqa: F401  (sets offline / telemetry environment before flwr loads)
-from common.config import PollenConfig, add_flags, from_args
-from common.data.sources import client_names
+from common.config import PollenConfig, add_flags, from_args  # light: parsing flags imports no model library
+
+
+class HideRunSimulationDeprecation(logging.Filter):
+    """Drop Flower's "DEPRECATED FEATURE: run_simulation" warning, and only that one.
+
+    Pollen runs the simulation engine in-process on purpose (README, "Flower's own runner"): the driver gets the
+    run's record back, fails loudly when the ServerApp fails, and leaves no SuperLink behind. ``flwr run`` runs
+    the very same apps (pyproject.toml) for those who want Flower's CLI."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.lstrip().startswith("DEPRECATED FEATURE") and "run_simulation" in text)
+
+
+def hide_run_simulation_deprecation() -> None:
+    logger = logging.getLogger("flwr")
+    if not any(isinstance(f, HideRunSimulationDeprecation) for f in logger.filters):
+        logger.addFilter(HideRunSimulationDeprecation())
+
+
+class ChildProcesses:
+    """Notes every process started under this one while in use, then waits for them to go (killing what is left
+    after ``grace`` seconds). Ray's workers outlive ``ray.shutdown()`` by seconds and, reparented once the raylet
+    is gone, are no longer our children: without this the command can return while they still run."""
+
+    def __init__(self, grace: float = 30.0, poll: float = 0.5):
+        import threading
+
+        self.grace, self.poll, self.seen, self._stop = grace, poll, {}, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _note(self) -> None:
+        import psutil
+
+        try:
+            for child in psutil.Process().children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            self._note()
+
+    def __enter__(self) -> "ChildProcesses":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import psutil
+
+        self._stop.set()
+        self._thread.join()
+        self._note()
+        _, alive = psutil.wait_procs(list(self.seen.values()), timeout=self.grace)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
 
 
 def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, ray_address: str | None = None):
     """Run the federation with one simulated node per client (a platform, or a silo of one); returns the
     server's RunRecord. ``ray_address`` (e.g. "auto" or "head-host:6379") runs the clients on an existing
     Ray cluster instead of a local one; its size then comes from the cluster, not ``cpus``."""
+    from common import runtime  # noqa: F401  (offline / telemetry environment before flwr and torch load)
+
     import torch
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
+    from common.data.sources import client_names
     from server.app import run_federation
 
+    hide_run_simulation_deprecation()
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
     cpus = cpus or os.cpu_count() or 1
     names = client_names(config.data)
     gpus = 1.0 / len(names) if torch.cuda.is_available() else 0.0  # Ray hides the GPU from actors given none
@@ -46,8 +110,9 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, 
     init = {"include_dashboard": False, "logging_level": "error", "log_to_driver": True}
     init.update({"address": ray_address} if ray_address else {"num_cpus": cpus})  # a cluster has its own size
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": init}
-    run_simulation(server_app=server_app, client_app=client_app,
-                   num_supernodes=len(names), backend_config=backend)
+    with ChildProcesses():  # nothing of the run outlives it
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=len(names), backend_config=backend)
     last = max(records[0].evaluations, default=None) if records else None  # early stopping may end it sooner
     if last is None or set(records[0].evaluations[last]) != set(names):
         raise RuntimeError(f"the federation did not finish with every client ({sorted(names)}): "
@@ -56,7 +121,8 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m simulations.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpus", type=int, default=None, help="cores for the simulation (default: all)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's own log")
     parser.add_argument("--ray-address", default=None,

@@ -52,7 +52,7 @@ def run_size(per_platform: int, rounds: int, run_dir: Path, extra: list[str]) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m simulations.scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients-per-platform-list", default="1,4,10")
     parser.add_argument("--num-rounds", type=int, default=2)
     parser.add_argument("--out", default=f"runs/scale-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -152,7 +152,7 @@ def rates(work: float, wall: float, cpu: float) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m simulations.speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--naive-steps", type=int, default=3, help="timed baseline training steps per platform")
     parser.add_argument("--naive-batch", type=int, default=4, help="sequences per baseline step")
     parser.add_argument("--naive-texts", type=int, default=512,

@@ -276,7 +276,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m simulations.transfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="ecommerce/amazon-scientific-2018",
                         help="the new platform's folder, under --data-dir or a path")
     parser.add_argument("--adapter", default="", help="federated adapter folder; empty = run the federation first")

@@ -36,3 +36,62 @@ def test_bad_values_are_named(table, message):
     with pytest.raises(ValueError) as error:
         PollenConfig.from_flat(table)
     assert message in str(error.value)
+
+
+# -- --help that teaches (issue 15) -------------------------------------------------------------------------
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import fields  # noqa: E402
+
+from common.config import SECTIONS, describe, settings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _help(module: str) -> subprocess.CompletedProcess:
+    """``python -m MODULE --help`` with Python's import log on stderr."""
+    return subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # client.adapt imports torch
+
+
+def test_every_setting_has_one_line_of_help_with_default_and_values():
+    for section, key, f in settings():
+        line = describe(f, f.default)
+        assert f.metadata["help"].strip() and "\n" not in line, key
+        assert "[default: " in line and line.endswith("]"), key
+    assert len(settings()) == sum(len(fields(k)) for k in SECTIONS.values())
+
+
+def test_run_help_lists_every_setting_and_imports_no_model_library():
+    result = _help("simulations.run")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert text.startswith("usage: python -m simulations.run")
+    for _, key, f in settings():
+        assert f"--{key}" in text
+        assert " ".join(f.metadata["help"].split()) in text, key
+    assert "[default: 5; >= 1]" in text  # num-rounds
+    assert "softmax | sampled" in text  # a setting with a closed set of values
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert not imported & {"torch", "transformers", "peft", "flwr", "ray", "pandas"}, imported
+
+
+def test_adapt_help_shows_only_the_settings_it_uses():
+    result = _help("client.adapt")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m client.adapt")
+    for key in ("num-rounds", "min-clients", "secagg", "aggregator", "data-dir", "clients-per-platform",
+                "run-dir"):
+        assert f"--{key} " not in result.stdout, key
+    for key in ("lora-rank", "batch-size", "dp-epsilon", "threads"):
+        assert f"--{key} " in result.stdout, key
+
+
+def test_settings_without_a_flag_keep_the_commands_defaults():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, PollenConfig().replace(**{"num-rounds": 2}), scopes=("model",))
+    config = from_args(parser.parse_args(["--lora-rank", "4"]))
+    assert config.model.lora_rank == 4 and config.federation.num_rounds == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--num-rounds", "3"])
