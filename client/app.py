@@ -9,15 +9,21 @@ SecAgg+ stages handled by client/secagg.py around the same ``fit``.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import functools
+import sys
+import traceback
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 
 from client import secagg
-from client.session import ClientSession, export_dir, state_root
+from client.session import ClientSession, export_dir, node_platform, state_root
 from client.state import NodeState
 from common.adapters import from_record, record_bytes, to_record
 from common.aggregation import merge_state, wire_state
 from common.config import FEDERATION_ID, SERVER_ROUND, PollenConfig
+from common.errors import UserError, node_error_reason
 
 app = ClientApp()
 
@@ -49,7 +55,37 @@ def fit(table: ConfigRecord, arrays: ArrayRecord, context: Context) -> tuple[Arr
     return reply, metrics, session.name
 
 
+def _platform(msg: Message, context: Context) -> str:
+    """This node's platform name for an error reply, whatever went wrong (best effort, never raises)."""
+    try:
+        table = {k: v for k, v in dict(msg.content["config"]).items() if k not in (SERVER_ROUND, FEDERATION_ID)}
+        return node_platform(PollenConfig.from_flat(table), dict(context.node_config))[0]
+    except Exception:  # the name is only for the message; the error itself is what matters
+        return str(dict(context.node_config).get("platform", f"partition {context.node_config.get('partition-id')}"))
+
+
+def _error_reply(msg: Message, context: Context, error: Exception) -> Message:
+    """One line naming this node's platform (the server prints it and stops the federation); a bug's traceback
+    goes to the node's own log."""
+    if not isinstance(error, UserError):
+        traceback.print_exc(file=sys.stderr)
+    reason = node_error_reason(_platform(msg, context), error)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def answered(handler):
+    """A handler whose failure becomes an error reply that names the platform (see _error_reply)."""
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as error:  # noqa: BLE001 -- every failure is answered, never a raw crash
+            return _error_reply(msg, context, error)
+    return wrapper
+
+
 @app.train()
+@answered
 def train(msg: Message, context: Context) -> Message:
     if secagg.is_secagg(msg):  # a stage of Flower's SecAgg+ protocol (config secagg = true)
         return secagg.train(msg, context, fit)
@@ -60,6 +96,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@answered
 def evaluate(msg: Message, context: Context) -> Message:
     session, config, state, server_round = _open(msg.content["config"], msg.content["arrays"], context,
                                                  training=False)

@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
+from common.checks import check_tensors, load_tensors, shapes
 from common.config import PollenConfig
+from common.errors import FileProblem, one_line
 from common.files import replace_dir, write_atomic, write_json
 from common.model.head import RecommendationHead
 from common.model.recommender import score_histories
@@ -95,30 +97,49 @@ def _items_csv(item_ids: list[str], texts: list[str]) -> str:
 
 # -- load --------------------------------------------------------------------------------------------
 def load_model(folder: str | Path) -> ServedModel:
-    """Rebuild a folder written by ``export_model``; the base model is loaded only when a new text arrives."""
+    """Rebuild a folder written by ``export_model``; the base model is loaded only when a new text arrives.
+    Every file is checked (readable, expected keys and shapes, finite values); errors name the file."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: not an exported Pollen model (no config.json)")
-    meta = json.loads((folder / "config.json").read_text())
-    if meta.get("format-version") != FORMAT_VERSION:
-        raise ValueError(f"{folder}: model format {meta.get('format-version')!r}, this code reads {FORMAT_VERSION}")
+        raise FileProblem(folder, "not an exported Pollen model (no config.json)")
+    try:
+        meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        version = meta.get("format-version")
+    except (OSError, ValueError, AttributeError) as error:
+        raise FileProblem(folder / "config.json", f"not a readable model description ({one_line(error)})") from None
+    if version != FORMAT_VERSION:
+        raise FileProblem(folder / "config.json", f"model format {version!r}, this code reads {FORMAT_VERSION}")
+    if not isinstance(meta.get("num-items"), int) or meta["num-items"] < 1 or not isinstance(meta.get("config"), dict):
+        raise FileProblem(folder / "config.json", "expected 'num-items' (an integer >= 1) and 'config' (a table)")
     config = PollenConfig.from_flat(meta["config"])
     head = RecommendationHead(meta["num-items"], meta["text-dim"], config.model, config.data)
-    head.load_state_dict(load_file(folder / "head.safetensors"))
+    head_file = folder / "head.safetensors"
+    head_state = load_tensors(head_file, "recommendation head")
+    check_tensors(head_state, head_file, shapes(head.state_dict()), "recommendation head")
+    head.load_state_dict(head_state)
     head.eval()
-    items = load_file(folder / "item_vectors.safetensors")["items"]
+    vectors_file = folder / "item_vectors.safetensors"
+    vectors = load_tensors(vectors_file, "item table")
+    check_tensors(vectors, vectors_file, {"items": (meta["num-items"] + 1, config.model.hidden_size)}, "item table")
+    items = vectors["items"]
     item_ids, texts = _read_items(folder / "items.csv")
     if not len(item_ids) == meta["num-items"] == len(items) - 1:
-        raise ValueError(f"{folder}: {len(item_ids)} items in items.csv, {len(items) - 1} item vectors, "
-                         f"{meta['num-items']} in config.json")
+        raise FileProblem(folder, f"{len(item_ids)} items in items.csv, {len(items) - 1} item vectors, "
+                                  f"{meta['num-items']} in config.json")
     return ServedModel(folder, meta, config, head, items, item_ids, texts)
 
 
 def _read_items(path: Path) -> tuple[list[str], list[str]]:
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if [int(r["index"]) for r in rows] != list(range(1, len(rows) + 1)):
-        raise ValueError(f"{path}: item indices must be 1..N in order")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        ok = [int(r["index"]) for r in rows] == list(range(1, len(rows) + 1)) and all(
+            isinstance(r["item"], str) and isinstance(r["text"], str) for r in rows)
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as error:
+        raise FileProblem(path, f"not a readable item list ({one_line(error)}); expected the columns "
+                                f"{', '.join(ITEM_COLUMNS)}") from None
+    if not ok:
+        raise FileProblem(path, "item indices must be 1..N in order, every row with an item and a text")
     return [r["item"] for r in rows], [r["text"] for r in rows]
 
 
@@ -234,6 +255,8 @@ class ServedModel:
         adapter = self.folder / "adapter" / "adapter_model.safetensors"
         if encoder.top_layers:
             if not adapter.is_file():
-                raise FileNotFoundError(f"{self.folder}: the config has LoRA layers but no adapter/ folder")
-            encoder.load_adapter_state(load_file(adapter))
+                raise FileProblem(self.folder, "the config has LoRA layers but no adapter/ folder")
+            tensors = load_tensors(adapter, "adapter")
+            check_tensors(tensors, adapter, shapes(encoder.adapter_state()), "adapter")
+            encoder.load_adapter_state(tensors)
         return encoder

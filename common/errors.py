@@ -6,6 +6,7 @@ without a traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import re
 
 
 class UserError(ValueError):
@@ -46,3 +47,21 @@ def one_line(error: BaseException) -> str:
     """The message of ``error`` on one line (continuation lines joined with ' | ')."""
     text = str(error).strip() or type(error).__name__
     return " | ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+# A node's error reply, as the ClientApp words it and the server reads it (client/ and server/ never import each
+# other): "platform 'video' (data/settings error): <one line>", or "(<ExceptionType>, a bug: ...)".
+NODE_USER_ERROR = "data/settings error"
+_NODE_REASON = re.compile(r"platform '([^']*)' \(([^)]*)\): ")
+
+
+def node_error_reason(platform: str, error: BaseException) -> str:
+    kind = NODE_USER_ERROR if isinstance(error, UserError) else \
+        f"{type(error).__name__}, a bug: traceback in the node's log"
+    return f"platform '{platform}' ({kind}): {one_line(error)}"
+
+
+def parse_node_error(reason: str) -> tuple[str, bool, str] | None:
+    """(platform, whether a user error, message) of a reason worded by ``node_error_reason``, else None."""
+    found = _NODE_REASON.match(reason)
+    return (found.group(1), found.group(2) == NODE_USER_ERROR, reason[found.end():]) if found else None

@@ -20,11 +20,14 @@ from pathlib import Path
 import torch
 
 from common.baselines import popularity_scorer, zero_shot_scorer
+from common import cli
 from common.config import PollenConfig, add_flags, from_args
+from common.errors import ConfigError
+from common.preflight import add_run_flags, preflight
 from common.data.sources import load_split, platform_names
 from common.data.split import SplitData
 from common.evaluate import evaluate
-from common.files import resolve_run_dir, write_atomic, write_json
+from common.files import write_atomic, write_json
 from common.model.encoder import TextEncoder, cached_item_states
 from common.model.recommender import Recommender
 from common.runtime import configure_threads, default_cache_dir
@@ -159,12 +162,17 @@ def main() -> None:
         METHODS + tuple(FEDERATED_VARIANTS)))
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
     add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data", "num-rounds": 10}))
+    add_run_flags(parser)
     args = parser.parse_args()
     config = from_args(args)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = sorted(set(methods) - set(METHODS + tuple(FEDERATED_VARIANTS)))
+    if unknown or not methods:
+        raise ConfigError(f"--methods: unknown {unknown or 'empty'}; expected some of {METHODS + tuple(FEDERATED_VARIANTS)}")
+    config = preflight(config, "benchmark", args.overwrite, federation=any(m.startswith("federated") for m in methods))
     configure_threads(config.train.threads)
-    config = config.replace(**{"run-dir": str(resolve_run_dir(config.federation.run_dir, "benchmark"))})
     start = time.perf_counter()
-    results = run_benchmark(config, tuple(m.strip() for m in args.methods.split(",") if m.strip()), args.cache_dir)
+    results = run_benchmark(config, methods, args.cache_dir)
     results["seconds"] = time.perf_counter() - start
     run_dir = Path(config.federation.run_dir)
     write_json(run_dir / "benchmark.json", results)
@@ -174,4 +182,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
