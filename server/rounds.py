@@ -33,10 +33,10 @@ Train = Callable[[int, ArrayRecord, ConfigRecord], "ArrayRecord | None"]
 class RoundLoop:
     def __init__(self, grid: Grid, strategy: Strategy, federation: FederationConfig, log: Log = print,
                  on_failure: Callable[[int, str], None] = lambda r, line: None, poll_seconds: float = 1.0,
-                 notice_seconds: float = NOTICE_SECONDS):
+                 notice_seconds: float | None = None):
         self.grid, self.strategy, self.federation = grid, strategy, federation
         self.log, self.on_failure, self.poll_seconds = log, on_failure, poll_seconds
-        self.notice_seconds = notice_seconds
+        self.notice_seconds = NOTICE_SECONDS if notice_seconds is None else notice_seconds
         self.names: dict[int, str] = {}  # node id -> platform, learned from replies, to name failed nodes
 
     def run(self, arrays: ArrayRecord, config: ConfigRecord, first_round: int,
