@@ -306,3 +306,34 @@ def test_waiting_for_nodes_says_so_and_gives_up_after_round_timeout(tiny_bert, p
         simulate(config, client_app, num_supernodes=2)
     notices = [line for line in caught.value.server_log if "waiting for nodes to connect" in line]
     assert notices and notices[0].startswith("round 0: waiting for nodes to connect: 2 of min-clients 3 (")
+
+
+def test_a_node_checks_that_the_superlink_speaks_what_it_will_before_starting(tmp_path):
+    """A TLS SuperLink (Flower's own): --insecure is refused in one line, the operator's CA passes, another CA
+    is named; an insecure SuperLink refuses a TLS node's CA."""
+    from client.launch import check_superlink
+    from common.processes import free_port, start_process, stop_process, wait_for_port
+    from server.certs import make_server_cert
+    from server.launch import superlink_command
+
+    make_server_cert(tmp_path / "certs", "127.0.0.1")
+    make_server_cert(tmp_path / "other", "127.0.0.1")
+    for tls in (True, False):
+        port = free_port()
+        link = start_process(superlink_command("127.0.0.1", port, tmp_path / "certs" if tls else None,
+                                               tmp_path / f"db{tls}" / "state.db"), tmp_path / "link.log")
+        try:
+            wait_for_port("127.0.0.1", port, 60, link)
+            if tls:
+                with pytest.raises(ConfigError, match="--insecure, but the SuperLink at 127.0.0.1:.* speaks TLS"):
+                    check_superlink("127.0.0.1", port, None)
+                check_superlink("127.0.0.1", port, tmp_path / "certs" / "ca.crt")
+                with pytest.raises(FileProblem, match="other/ca.crt: the SuperLink at .* certificate this CA does "
+                                                      "not verify"):
+                    check_superlink("127.0.0.1", port, tmp_path / "other" / "ca.crt")
+            else:
+                with pytest.raises(ConfigError, match="does not speak TLS"):
+                    check_superlink("127.0.0.1", port, tmp_path / "certs" / "ca.crt")
+                check_superlink("127.0.0.1", port, None)
+        finally:
+            stop_process(link)
