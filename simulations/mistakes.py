@@ -49,7 +49,7 @@ def write_platforms(root: Path, names: dict[str, str] | None = None, seed: int =
     """Platform folders in the documented generic format (interactions.csv, items.csv) from the synthetic data."""
     from common.data.synthetic import SyntheticConfig, generate
 
-    names = names or {"ecommerce": "shop-export", "social": "forum-export"}
+    names = names or {"ecommerce": "shop-export", "social": "forum-export", "video": "video-export"}
     for data in generate(SyntheticConfig(seed=seed)):
         if data.name not in names:
             continue
@@ -181,7 +181,7 @@ def competing_run(root: Path, runner: "Runner") -> subprocess.Popen:
     """A first simulation on run folder 'shared-run', left running; the measured command is the second one."""
     run = Path(fresh("shared-run"))
     process = runner.start(["simulations.run", "--data-dir", str(root), "--platforms",
-                            "shop=shop-export,forum=forum-export", "--run-dir", str(run), *SMALL,
+                            "shop=shop-export,forum=forum-export,video=video-export", "--run-dir", str(run), *SMALL,
                             "--num-rounds", "2"], runner.logs / "first-run.log")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (run / "results.json").exists() and process.poll() is None:
@@ -191,7 +191,8 @@ def competing_run(root: Path, runner: "Runner") -> subprocess.Popen:
 
 # ---------------------------------------------------------------------------------------------- the cases
 def cases() -> list[Case]:
-    byod = ["--platforms", "shop=shop-export,forum=forum-export"]
+    byod = ["--platforms", "shop=shop-export,forum=forum-export"]  # the README's example: 2 platforms
+    three = ["--platforms", "shop=shop-export,forum=forum-export,video=video-export"]  # the old default count
     sim = lambda r, *extra: ["simulations.run", "--data-dir", str(r), *extra]  # noqa: E731
     adapt = lambda r, data, *extra: ["client.adapt", "--data-path", data if data.startswith("/") else  # noqa: E731
                                      str(r / data), "--export-dir", fresh("export-" + os.path.basename(data)), *ADAPT, *extra]
@@ -203,21 +204,21 @@ def cases() -> list[Case]:
         Case("byod-1", "the same with 1 platform (1 round)",
              lambda r: sim(r, "--platforms", "shop=shop-export", "--num-rounds", "1", "--run-dir", fresh("byod1")),
              "finishes"),
-        Case("sim-bad-timestamp", "simulation, one platform's line 3 has timestamp 'yesterday' (2 rounds)",
-             lambda r: sim(r, "--platforms", f"shop={bad_ts(r)},forum=forum-export", "--num-rounds", "2",
+        Case("sim-bad-timestamp", "simulation of 3 platforms, one's line 3 has timestamp 'yesterday' (2 rounds)",
+             lambda r: sim(r, "--platforms", f"shop={bad_ts(r)},forum=forum-export,video=video-export", "--num-rounds", "2",
                            "--threads", "1", "--run-dir", fresh("bad-ts")),
              "exit 2, one line naming file, line, column, before Ray"),
         Case("adapt-bad-timestamp", "client.adapt on the same folder",
              lambda r: adapt(r, bad_ts(r)), "exit 2, one line"),
-        Case("sim-threads-negative", "--threads -1", lambda r: sim(r, *byod, *SMALL, "--threads", "-1",
+        Case("sim-threads-negative", "--threads -1", lambda r: sim(r, *three, *SMALL, "--threads", "-1",
                                                                      "--run-dir", fresh("t")), "exit 2, one line"),
-        Case("sim-device-bogus", "--device bogus", lambda r: sim(r, *byod, *SMALL, "--device", "bogus",
+        Case("sim-device-bogus", "--device bogus", lambda r: sim(r, *three, *SMALL, "--device", "bogus",
                                                                    "--run-dir", fresh("d")), "exit 2, one line"),
         Case("sim-missing-folder", "a platform folder that does not exist",
-             lambda r: sim(r, "--platforms", "shop=shop-export,forum=no-such-folder", *SMALL,
+             lambda r: sim(r, "--platforms", "shop=shop-export,forum=forum-export,video=no-such-folder", *SMALL,
                            "--run-dir", fresh("m")), "exit 2, one line"),
         Case("sim-lora-layers-0", "--lora-layers 0 in a federation",
-             lambda r: sim(r, *byod, *SMALL, "--lora-layers", "0", "--run-dir", fresh("l")), "exit 2, one line"),
+             lambda r: sim(r, *three, *SMALL, "--lora-layers", "0", "--run-dir", fresh("l")), "exit 2, one line"),
         Case("load-timestamp-20-digits", "timestamp 123456789012345678901234 (client.adapt)",
              lambda r: adapt(r, broken_copy(r, "ts-digits", set_cell(3, "timestamp", "1" * 24))), "exit 2, one line"),
         Case("load-date-1500", "ISO date 1500-01-01, outside pandas' nanosecond range (client.adapt)",
@@ -237,18 +238,18 @@ def cases() -> list[Case]:
         Case("adapt-nan-adapter", "client.adapt --adapter holding only NaN tensors",
              lambda r: adapt(r, "shop-export", "--adapter", str(nan_adapter(r))), "exit 2, one line naming the file"),
         Case("rerun-without-state", "rerun on a --run-dir whose checkpoint/state.json is missing (1 round)",
-             lambda r: sim(r, *byod, *SMALL, "--run-dir", str(earlier_run(r, "no-state", None, b"x"))),
+             lambda r: sim(r, *three, *SMALL, "--run-dir", str(earlier_run(r, "no-state", None, b"x"))),
              "exit 2, refused; earlier results kept", after_check=lambda r: kept_earlier(RUNNER.logs.parent / "runs" / "no-state")),
         Case("checkpoint-bad-header", "checkpoint/adapter.safetensors with a damaged header",
-             lambda r: sim(r, *byod, *SMALL, "--run-dir", str(earlier_run(r, "bad-header", state_json(),
+             lambda r: sim(r, *three, *SMALL, "--run-dir", str(earlier_run(r, "bad-header", state_json(),
                                                                             b"\xff" * 64))),
              "exit 2, one line naming the file"),
         Case("checkpoint-no-round", "checkpoint/state.json without 'round'",
-             lambda r: sim(r, *byod, *SMALL, "--run-dir", str(earlier_run(r, "no-round", state_json(round=None),
+             lambda r: sim(r, *three, *SMALL, "--run-dir", str(earlier_run(r, "no-round", state_json(round=None),
                                                                             b"x"))),
              "exit 2, one line naming the file"),
         Case("two-runs-one-folder", "a second simulation on the --run-dir a running one writes",
-             lambda r: sim(r, *byod, *SMALL, "--run-dir", str(RUNNER.logs.parent / "runs" / "shared-run")), "exit 2 at once, refused",
+             lambda r: sim(r, *three, *SMALL, "--run-dir", str(RUNNER.logs.parent / "runs" / "shared-run")), "exit 2 at once, refused",
              before=competing_run),
         Case("insecure-node-vs-tls", "client.launch --insecure against a TLS SuperLink",
              lambda r: ["client.launch", "--superlink", f"127.0.0.1:{RUNNER.port}", "--platform", "shop",
@@ -342,10 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=float, default=300.0, help="seconds after which a command is stopped")
     parser.add_argument("--out", default="", help="folder for mistakes.json, .md and the logs")
     parser.add_argument("--scratch", default="", help="folder for the inputs (default: OUT/inputs)")
-    parser.add_argument("--table", nargs=2, metavar=("BEFORE", "AFTER"), help="only print the before->after table")
+    parser.add_argument("--table", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="only print the before->after table (each side: output folders, comma-separated)")
     args = parser.parse_args(argv)
     if args.table:
-        before, after = (json.loads((Path(d) / "mistakes.json").read_text())["results"] for d in args.table)
+        before, after = ([r for d in side.split(",") for r in json.loads((Path(d) / "mistakes.json").read_text())
+                          ["results"]] for side in args.table)
         print(table(before, after))
         return 0
     chosen = [c for c in cases() if (not args.cases or c.name in args.cases.split(","))
@@ -355,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or PROJECT / "runs" / time.strftime("mistakes-%Y%m%d-%H%M%S")).resolve()
     scratch = Path(args.scratch).resolve() if args.scratch else out / "inputs"
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    if not (scratch / "shop-export").is_dir():
+    if not all((scratch / f).is_dir() for f in ("shop-export", "forum-export", "video-export")):
         write_platforms(scratch)
     RUNNER = Runner(Path(args.tree), args.cap, out / "logs")
     results = []
