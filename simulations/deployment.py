@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from common import cli
 from common.config import PollenConfig, add_flags, from_args
 from common.data.sources import SYNTHETIC_PLATFORMS
 from common.files import write_json
@@ -209,4 +210,4 @@ def _costs(costs: dict[str, float]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
