@@ -31,14 +31,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from client.export import export_model
+from common import cli
+from common.checks import check_tensors, load_tensors, shapes
+from common.cli import add_debug_flag
 from common.config import PollenConfig, add_flags, from_args
+from common.errors import ConfigError, FileProblem, printable_path
+from common.preflight import check_settings
 from common.data.sources import load_split
 from common.data.split import SplitData
 from common.evaluate import evaluate
-from common.model.encoder import SHARED_FILE, TextEncoder, cached_item_states
+from common.model.encoder import SHARED, SHARED_FILE, TextEncoder, cached_item_states
 from common.model.recommender import Recommender
 from common.runtime import configure_threads, default_cache_dir
 from common.train import FitResult, Log, Platform, fit
@@ -47,15 +51,20 @@ ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter folder (what the server writes to RUN/adapter after every round)."""
+    """The tensors of an adapter folder (what the server writes to RUN/adapter after every round: peft's LoRA
+    file and/or the recommendation adapters), checked for finite values; ``adapt`` checks their keys and shapes
+    against the model. Errors name the file."""
     path = Path(folder)
-    if path.is_file():
-        return load_file(path)
-    state = TextEncoder.read_adapter(path) if path.is_dir() else {}
-    if not state:
-        raise FileNotFoundError(f"adapter {folder}: expected a folder holding {ADAPTER_FILE} and/or {SHARED_FILE} "
-                                "(the federation writes one to RUN/adapter)")
-    return state
+    files = [path] if path.is_file() else [path / name for name in (ADAPTER_FILE, SHARED_FILE)]
+    if not any(f.is_file() for f in files):
+        raise FileProblem(folder, f"expected an adapter folder holding {ADAPTER_FILE} and/or {SHARED_FILE} (the "
+                                  "federation writes one to RUN/adapter)")
+    tensors = {}
+    for file in (f for f in files if f.is_file()):
+        part = load_tensors(file, "adapter")
+        check_tensors(part, file, what="adapter")
+        tensors.update({(SHARED if file.name == SHARED_FILE else "") + k: v for k, v in part.items()})
+    return tensors
 
 
 def user_order(num_users: int, seed: int) -> np.ndarray:
@@ -66,7 +75,7 @@ def user_order(num_users: int, seed: int) -> np.ndarray:
 def user_subset(split: SplitData, fraction: float, seed: int) -> SplitData:
     """The same catalogue with only the first ``fraction`` of users (seeded order, at least one user)."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
     if fraction == 1.0:
         return split
     return split.subset(np.sort(user_order(split.num_users, seed)[:max(1, math.ceil(fraction * split.num_users))]))
@@ -82,7 +91,8 @@ class Adapted:
 
 
 def adapt(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tensor] | None, epochs: int,
-          fraction: float = 1.0, cache_dir: str | None = None, log: Log = print, label: str = "") -> Adapted:
+          fraction: float = 1.0, cache_dir: str | None = None, log: Log = print, label: str = "",
+          adapter_source: str = "adapter") -> Adapted:
     """Train a fresh head (and the LoRA adapter, started from ``adapter`` or fresh) on a fraction of the users.
 
     ``config.model.text = false`` gives ID-only SASRec, where ``adapter`` must be None. The returned platform
@@ -92,10 +102,12 @@ def adapt(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tenso
     encoder = None
     if config.model.text:
         encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len)
-        if adapter is not None:
+        if adapter is not None:  # the adapter must fit this model (keys and shapes) and hold finite values
+            check_tensors(adapter, adapter_source, shapes(encoder.adapter_state()), "adapter for this model "
+                          f"(base-model, lora-layers {config.model.lora_layers}, lora-rank {config.model.lora_rank})")
             encoder.load_adapter_state(adapter)
     elif adapter is not None:
-        raise ValueError("an ID-only model (text=false) has no encoder to load an adapter into")
+        raise ConfigError("config: an ID-only model (text = false) has no encoder to load an adapter into")
     train_split = user_subset(split, fraction, config.train.seed)
     states = cached_item_states(encoder, split.item_texts, cache_dir) if encoder is not None else None
     platform = Platform(train_split, Recommender(split, config, encoder, states))
@@ -131,20 +143,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=100, help="most local epochs (early stopping after config "
                         "'patience' epochs without a better validation NDCG@10); the best on validation is kept")
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already in --export-dir")
+    add_debug_flag(parser)
     add_flags(parser, scopes=("model",))  # no federation, no data-dir: --data-path
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
+    # check before work: settings, the export folder, the adapter file, the data; then the model
     config = from_args(args)
+    check_settings(config)
+    if not 0.0 < args.fraction <= 1.0:
+        raise ConfigError(f"--fraction must be in (0, 1], got {args.fraction}")
+    export = Path(args.export_dir)
+    if export.exists() and (not export.is_dir() or any(export.iterdir())) and not args.overwrite:
+        raise FileProblem(export, "--export-dir already holds something; choose another folder or pass --overwrite "
+                                  "to replace it")
+    adapter = read_adapter(args.adapter) if args.adapter else None
     configure_threads(config.train.threads)
     log = functools.partial(print, flush=True)
     name = args.platform or Path(args.data_path).resolve().name
     split = load_split(config.data, name, args.data_path)
-    log(f"{name}: {split.num_users:,} users, {split.num_items:,} items; training on {args.fraction:.0%} of users, "
-        f"{'federated adapter ' + args.adapter if args.adapter else 'fresh adapter'}")
-    adapter = read_adapter(args.adapter) if args.adapter else None
+    log(f"{printable_path(name)}: {split.num_users:,} users, {split.num_items:,} items; training on "
+        f"{args.fraction:.0%} of users, {'federated adapter ' + args.adapter if args.adapter else 'fresh adapter'}")
     start = time.perf_counter()
-    adapted = adapt(split, config, adapter, args.epochs, args.fraction, args.cache_dir, log, f"[{name}] ")
+    adapted = adapt(split, config, adapter, args.epochs, args.fraction, args.cache_dir, log,
+                    f"[{printable_path(name)}] ", adapter_source=str(Path(args.adapter) / ADAPTER_FILE))
     test = test_metrics(adapted, split)
     metrics = {"adapter": str(args.adapter), "fraction": args.fraction, "epochs": args.epochs,
                "best-epoch": adapted.result.best_epoch[name], "train-users": adapted.platform.split.num_users,
@@ -158,4 +181,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

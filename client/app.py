@@ -16,14 +16,19 @@ libraries), ``start-build-seconds`` (the session), ``train-seconds`` / ``eval-se
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 import time
+import traceback
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from client.node import NodeSettings
 from common.config import FEDERATION_ID, SERVER_ROUND, PollenConfig
+from common.errors import UserError, node_error_reason
 
 app = ClientApp()
 _PROCESS = {"fresh": True}  # the first message a process serves pays for its start
@@ -105,7 +110,37 @@ def fit(table: ConfigRecord, arrays: ArrayRecord, context: Context) -> tuple[Arr
     return reply, metrics, name
 
 
+def _platform(msg: Message, context: Context) -> str:
+    """This node's platform name for an error reply, whatever went wrong (best effort, never raises)."""
+    try:
+        table = {k: v for k, v in dict(msg.content["config"]).items() if k not in (SERVER_ROUND, FEDERATION_ID)}
+        return NodeSettings.build(PollenConfig.from_flat(table), dict(context.node_config)).platform
+    except Exception:  # the name is only for the message; the error itself is what matters
+        return str(dict(context.node_config).get("platform", f"partition {context.node_config.get('partition-id')}"))
+
+
+def _error_reply(msg: Message, context: Context, error: Exception) -> Message:
+    """One line naming this node's platform (the server prints it and stops the federation); a bug's traceback
+    goes to the node's own log."""
+    if not isinstance(error, UserError):
+        traceback.print_exc(file=sys.stderr)
+    reason = node_error_reason(_platform(msg, context), error)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def answered(handler):
+    """A handler whose failure becomes an error reply that names the platform (see _error_reply)."""
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as error:  # noqa: BLE001 -- every failure is answered, never a raw crash
+            return _error_reply(msg, context, error)
+    return wrapper
+
+
 @app.train()
+@answered
 def train(msg: Message, context: Context) -> Message:
     from client import secagg  # a light check; the SecAgg+ machinery itself only loads for secagg = true
 
@@ -118,6 +153,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@answered
 def evaluate(msg: Message, context: Context) -> Message:
     _, metrics, name = run("evaluate", msg.content["config"], msg.content["arrays"], context)
     content = RecordDict({"metrics": MetricRecord(metrics), "platform": ConfigRecord({"platform": name})})

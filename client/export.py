@@ -25,9 +25,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
+from common.checks import check_tensors, load_tensors, shapes
 from common.config import PollenConfig
+from common.errors import FileProblem, one_line
 from common.files import replace_dir, write_atomic, write_json
 from common.model.head import RecommendationHead
 from common.model.recommender import score_histories
@@ -388,7 +390,7 @@ class ServedModel:
             return self._encoder
 
     def _load_encoder(self) -> TextEncoder:
-        from common.model.encoder import TextEncoder
+        from common.model.encoder import SHARED, TextEncoder
 
         base = self.meta["base-model"]["path"]
         if not (Path(base) / "config.json").is_file():  # exported elsewhere: fall back to the configured name
@@ -399,7 +401,9 @@ class ServedModel:
             if not adapter.is_file():
                 raise FileNotFoundError(f"{self.folder}: the config has LoRA layers but no adapter/ folder")
             try:
-                encoder.load_adapter_state(_read_tensors(adapter, _shapes(encoder.adapter_state())))
+                lora = {k: v for k, v in encoder.adapter_state().items() if not k.startswith(SHARED)}
+                # the shared adaptor and sequence encoder are in head.safetensors; the encoder needs its LoRA
+                encoder.load_adapter_state({**encoder.adapter_state(), **_read_tensors(adapter, _shapes(lora))})
             except ValueError as error:
                 raise ValueError(f"{adapter}: {error}" if str(adapter) not in str(error) else str(error)) from None
         return encoder

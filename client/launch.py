@@ -18,14 +18,22 @@ says so loudly.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import cli
+from common.cli import add_debug_flag
+from common.config import PollenConfig
+from common.errors import ConfigError, FileProblem
 from common.processes import INSECURE_WARNING, flower_binary, flower_env
 
 
@@ -84,17 +92,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--insecure", action="store_true", help="no TLS, no authentication (trials only)")
     parser.add_argument("--no-worker", action="store_true",
                         help="no warm worker: every message imports and builds the model in its own process")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
+    # check before work: the settings, the data, the key files, then the SuperLink itself (TLS or not)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.platform):
+        raise ConfigError(f"--platform {args.platform!r}: expected letters, digits, '.', '_' or '-' (it names folders)")
+    if args.threads < 0 or not 0 < args.port < 65536:
+        raise ConfigError(f"--threads must be >= 0 and --port in 1..65535 (got {args.threads}, {args.port})")
+    if args.device:
+        PollenConfig.from_flat({"device": args.device})
+    host, port = _address(args.superlink)
     try:
         command = supernode_command(args.superlink, args.platform, args.data_path, Path(args.home),
                                     None if args.insecure else Path(args.ca),
                                     None if args.insecure else Path(args.key or f"{args.platform}.key"),
                                     args.port, args.threads, args.device, worker=not args.no_worker)
     except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(error)) from None
+    if args.data_path:
+        from common.preflight import check_platforms
+
+        check_platforms(PollenConfig(), [args.platform], {args.platform: args.data_path}, log=print)
+    check_superlink(host, port, None if args.insecure else Path(args.ca), log=functools.partial(print, flush=True))
     if not args.no_worker:
         return run_node(command, Path(args.home).expanduser().resolve())
     print("starting:", " ".join(command), flush=True)
@@ -144,6 +165,63 @@ def run_node(command: list[str], home: Path, ready_timeout: float = 600.0) -> in
                 child.kill()
 
 
+def _address(superlink: str) -> tuple[str, int]:
+    host, sep, port = superlink.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--superlink {superlink!r}: expected host:port, e.g. coordinator.example.org:9092")
+    return host.strip("[]"), int(port)
+
+
+def check_superlink(host: str, port: int, ca: Path | None, log=print, notice_seconds: float = 30.0) -> None:
+    """Wait until the SuperLink accepts connections (saying so every 30 s), then check it speaks what this node
+    will: TLS with a certificate the operator's CA signed, or (``ca`` None, --insecure) plain text. Flower's
+    SuperNode itself would retry a mismatch forever without saying why."""
+    start = time.monotonic()
+    notice = start + notice_seconds
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=10) as sock:
+                tls = _speaks_tls(sock, host)
+            break
+        except OSError as error:
+            if time.monotonic() >= notice:
+                log(f"waiting for the SuperLink at {host}:{port} to accept connections "
+                    f"({time.monotonic() - start:.0f}s: {error.strerror or error}); Ctrl-C stops")
+                notice = time.monotonic() + notice_seconds
+            time.sleep(1.0)
+    where = f"the SuperLink at {host}:{port}"
+    if ca is None and tls:
+        raise ConfigError(f"--insecure, but {where} speaks TLS: connect with --ca (the operator's ca.crt) and "
+                          "--key (this partner's private key) instead")
+    if ca is not None and not tls:
+        raise ConfigError(f"{where} does not speak TLS (it was started with --insecure): pass --insecure for a "
+                          "trial, or ask the operator for the TLS address")
+    if ca is not None:
+        context = ssl.create_default_context(cafile=str(ca))
+        context.set_alpn_protocols(["h2"])
+        try:
+            with socket.create_connection((host, port), timeout=10) as sock, \
+                    context.wrap_socket(sock, server_hostname=host):
+                pass
+        except ssl.SSLCertVerificationError as error:
+            raise FileProblem(ca, f"{where} has a certificate this CA does not verify ({error.verify_message}); "
+                                  "ask the operator for the CA certificate of this SuperLink") from None
+        except (ssl.SSLError, OSError):
+            pass  # anything else is Flower's to report
+
+
+def _speaks_tls(sock: socket.socket, host: str) -> bool:
+    """Whether the server answers a TLS handshake (its certificate is checked separately)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=True):
+            return True
+    except (ssl.SSLError, OSError):
+        return False
+
+
 def _which(name: str) -> str:
     import shutil
 
@@ -154,4 +232,4 @@ def _which(name: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import time
@@ -26,6 +27,7 @@ from client.export import export_model
 from client.node import NodeSettings
 from client.state import training_settings
 from common.aggregation import freeze_untravelled
+from common.checks import NonFiniteMetric, load_torch
 from common.config import PollenConfig
 from common.data.sources import load_split
 from common.data.split import SplitData
@@ -134,7 +136,7 @@ class ClientSession:
         return buffer.getvalue()
 
     def restore(self, checkpoint: bytes | None) -> None:
-        state = torch.load(io.BytesIO(checkpoint or self.fresh_state), weights_only=False)
+        state = load_torch(checkpoint or self.fresh_state, "private state", f"{self.name}'s private state")
         self.platform.model.head.load_private_state(state["head"])
         self.trainer.load_state_dict(state["trainer"])
         self.best_valid = state["best-valid"]
@@ -149,6 +151,9 @@ class ClientSession:
         start = time.perf_counter()
         losses = [self.trainer.epoch()[self.name] for _ in range(self.config.train.local_epochs)]
         self.personal = {k: v.cpu() for k, v in self.encoder.adapter_state().items()}
+        if self.trainer.num_sequences and not all(math.isfinite(loss) for loss in losses):
+            raise NonFiniteMetric(f"platform {self.name}: training loss {losses[-1]} is not finite (training "
+                                  "diverged); lower lr / lora-lr, or check the ratings and the adapter")
         metrics = {"num-examples": float(self.trainer.num_sequences), "train-loss": losses[-1],
                    "train-seconds": time.perf_counter() - start}
         return {**metrics, **(self.trainer.dp.metrics() if self.trainer.dp else {})}  # epsilon spent so far

@@ -8,8 +8,12 @@ to every client with each message, so both sides always agree on it.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
+
+from common.errors import ConfigError
 
 BENCHMARK_PLATFORMS = ("ecommerce=ecommerce/amazon-office-2014,social=social/lastfm-sequences,"
                        "video=video/movielens-100k")
@@ -41,8 +45,14 @@ class DataConfig:
         for part in filter(None, (p.strip() for p in self.platforms.split(","))):
             name, sep, path = part.partition("=")
             if not sep or not name or not path:
-                raise ValueError(f"config 'platforms': expected name=path pairs separated by commas, got {part!r}")
-            pairs.append((name.strip(), path.strip()))
+                raise ConfigError(f"config 'platforms': expected name=path pairs separated by commas, got {part!r}")
+            name = name.strip()
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in dict(pairs):
+                raise ConfigError(f"config 'platforms': platform name {name!r} must be unique and use only letters, "
+                                  "digits, '.', '_' or '-' (it names folders)")
+            pairs.append((name, path.strip()))
+        if not pairs:
+            raise ConfigError("config 'platforms': expected at least one name=path pair")
         return pairs
 
 
@@ -97,7 +107,7 @@ class ModelConfig:
         except ValueError:
             theta = -1.0
         if not 0.0 <= theta <= 1.0:
-            raise ValueError(f"config 'fusion': expected 'learned' or a number in [0, 1], got {self.fusion!r}")
+            raise ConfigError(f"config 'fusion': expected 'learned' or a number in [0, 1], got {self.fusion!r}")
         return theta
 
 
@@ -139,8 +149,9 @@ class FederationConfig:
 
     num_rounds: int = field(default=5, metadata={"help": "federated rounds (round 0 evaluates the start)",
                                                  "values": ">= 1", "scope": "federation"})
-    min_clients: int = field(default=3, metadata={"help": "acceptable replies needed to aggregate a round",
-                                                  "values": ">= 1", "scope": "federation"})
+    min_clients: int = field(default=0, metadata={"help": "acceptable replies needed to aggregate a round",
+                                                  "values": ">= 0 (0 = every client of the run)",
+                                                  "scope": "federation"})
     round_timeout: float = field(default=1800.0, metadata={
         "help": "seconds the server waits for nodes and replies in a round", "values": "> 0",
         "scope": "federation"})
@@ -227,7 +238,7 @@ class PollenConfig:
                  for key in [f.name.replace("_", "-")]}
         unknown = sorted(set(table) - set(known))
         if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
         config = cls()
         for key, value in table.items():
             section, f = known[key]
@@ -254,14 +265,31 @@ class PollenConfig:
             (self.model.temperature >= 0, "temperature must be >= 0 (0 = dot product)"),
             (self.train.loss in ("softmax", "sampled"), "loss must be 'softmax' or 'sampled'"),
             (self.federation.num_rounds >= 1, "num-rounds must be >= 1"),
-            (self.federation.min_clients >= 1, "min-clients must be >= 1"),
+            (self.federation.min_clients >= 0, "min-clients must be >= 0 (0 = every client of the run)"),
+            (self.federation.round_timeout > 0, "round-timeout must be > 0 seconds"),
+            (self.train.threads >= 0, "threads must be >= 0 (0 = all cores of the process)"),
+            (re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.train.device) is not None,
+             f"device must be auto, cpu, cuda or cuda:N, got {self.train.device!r}"),
+            (self.train.lr > 0 and self.train.lora_lr >= 0 and self.train.weight_decay >= 0,
+             "lr must be > 0, lora-lr and weight-decay >= 0"),
+            (self.train.live_items >= 0 and self.train.negatives >= 1, "live-items must be >= 0, negatives >= 1"),
+            (self.data.k_core >= 0, "k-core must be >= 0"),
+            (self.model.max_tokens >= 0 and self.model.lora_alpha > 0,
+             "max-tokens must be >= 0 (0 = from the catalogue), lora-alpha > 0"),
+            (self.model.hidden_size >= 1 and self.model.head_layers >= 1 and self.model.head_heads >= 1
+             and self.model.hidden_size % self.model.head_heads == 0,
+             "hidden-size, head-layers and head-heads must be >= 1, hidden-size a multiple of head-heads"),
+            (0.0 <= self.model.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.federation.adapter_dtype in ("float32", "float16"),
              "adapter-dtype must be 'float32' or 'float16' (numpy, Flower's array format, has no bfloat16)"),
             (self.data.clients_per_platform >= 1, "clients-per-platform must be >= 1"),
         ] + self.privacy.checks()
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"config: {message}")
+                raise ConfigError(f"config: {message}")
+        infinite = [k for k, v in self.to_flat().items() if isinstance(v, float) and not math.isfinite(v)]
+        if infinite:
+            raise ConfigError(f"config '{infinite[0]}': expected a finite number, got {self.to_flat()[infinite[0]]}")
         self.model.fusion_theta()
         self.data.platform_paths()
 
@@ -285,7 +313,7 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             raise ValueError
         return kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"config '{key}': expected {kind.__name__}, got {value!r}") from None
+        raise ConfigError(f"config '{key}': expected {kind.__name__}, got {value!r}") from None
 
 
 SCOPES = ("model", "data", "run", "federation")

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from common.checks import NonFiniteMetric, finite_metrics
 from common.data.split import SplitData
 
 Scorer = Callable[[list[np.ndarray]], torch.Tensor]  # histories -> scores [B, num_items + 1]
@@ -75,6 +76,9 @@ def evaluate(scorer: Scorer, split: SplitData, which: str, ks: Sequence[int] = K
         hist = histories[start:start + batch_size]
         tgt = torch.as_tensor(targets[start:start + batch_size])
         scores = scorer(hist).cpu()
+        if bool(torch.isnan(scores).any()) or bool((scores == float("inf")).any()):
+            raise NonFiniteMetric(f"{split.name} {which}: the model scored items NaN or +infinity (training "
+                                  "diverged, or an adapter/head with NaN values); no metrics are reported")
         ranks.append(target_ranks(scores, tgt, hist, mask_history, ties).numpy())
         if split.sampled_negatives:
             sampled.extend(_sampled_ranks(scores, tgt, which, start, split))
@@ -84,7 +88,7 @@ def evaluate(scorer: Scorer, split: SplitData, which: str, ks: Sequence[int] = K
     out["users"] = float(len(histories))
     if rater is not None:
         out.update(rating_metrics(rater, split, which, batch_size))
-    return out
+    return dict(finite_metrics(out, f"{split.name} {which}"))
 
 
 def rating_metrics(rater: Rater, split: SplitData, which: str, batch_size: int = 512) -> dict[str, float]:

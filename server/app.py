@@ -9,13 +9,16 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.adapters import from_record, record_bytes, signature, to_record
+from common.adapters import from_record, problems, record_bytes, signature, to_record
 from common.aggregation import merge_state, wire_state
 from common.config import FEDERATION_ID, PollenConfig
-from common.files import replace_dir, resolve_run_dir
+from common.preflight import resolve_min_clients
+from common.errors import ConfigError, FileProblem
+from common.files import claim_run_dir, replace_dir
 from common.model.encoder import TextEncoder
 from common.runtime import configure_threads
 from common.train import should_stop
+from server.checkpoint import FOLDER as CHECKPOINT
 from server.checkpoint import Checkpoint, check_resumable, load_checkpoint, new_federation_id, save_checkpoint
 from server.record import RunRecord
 from server.rounds import RoundLoop
@@ -32,13 +35,15 @@ def main(grid: Grid, context: Context) -> None:
 def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
     """Run (or resume, when run-dir holds a checkpoint) the federation; returns the run's record."""
     configure_threads(1)  # the server only averages; leave the cores to the clients
-    run_dir = resolve_run_dir(config.federation.run_dir)
-    config = config.replace(**{"run-dir": str(run_dir)})  # simulated clients export their models there
+    # never silently reused: locked while this run writes it; resumed only from its checkpoint, else refused
+    run_dir = claim_run_dir(config.federation.run_dir, resume_marker=f"{CHECKPOINT}/state.json")
+    config = resolve_min_clients(config.replace(**{"run-dir": str(run_dir)}), log, strict=False)
+    saved = load_checkpoint(run_dir)  # a damaged checkpoint stops here, naming its file
+    if not config.model.text:
+        raise ConfigError("config: a federation needs text = true (an ID-only model has nothing to share: its "
+                          "item IDs never leave a platform)")
     encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len)
     initial = encoder.adapter_state()
-    if not config.model.text:
-        raise ValueError("config: a federation needs text = true (an ID-only model has nothing to share: its "
-                         "item IDs never leave a platform)")
     fed, wire = config.federation, config.federation.adapter_dtype
     shared = wire_state(initial, config.privacy.aggregation)  # FFA: only B travels
     record = RunRecord(run_dir, config.to_flat(), fed.num_rounds, log)
@@ -47,9 +52,12 @@ def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
                              on_aggregate=lambda rnd, arrays, training: record.add_training(rnd, training),
                              on_evaluate=record.add_evaluation, wire_dtype=wire, privacy=config.privacy)
     loop = RoundLoop(grid, strategy, fed, log, on_failure=record.add_failure)
-    saved = load_checkpoint(run_dir)
     if saved:
         check_resumable(saved.config, config.to_flat(), run_dir)
+        wrong = problems(saved.arrays, signature(shared))  # a checkpoint holds float32 tensors
+        if wrong:
+            raise FileProblem(run_dir / CHECKPOINT / "adapter.safetensors",
+                              f"does not fit this model's adapter: {'; '.join(wrong[:3])}")
         arrays, first_round, federation_id = saved.arrays, saved.round + 1, saved.federation_id
         record.restore(saved.record)
         strategy.load_state_dict(saved.strategy)
@@ -60,7 +68,7 @@ def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
         log(f"Pollen federation: {fed.num_rounds} rounds, adapter {record.adapter_bytes / 1024:.0f} KiB, "
             f"run folder {run_dir}")
 
-    def end_round(server_round: int, arrays: ArrayRecord) -> None:
+    def end_round(server_round: int, arrays: ArrayRecord) -> bool:
         encoder.load_adapter_state(merge_state(encoder, from_record(arrays)))
         replace_dir(run_dir / "adapter", encoder.save_adapter)  # the latest global adapter, PEFT format
         save_checkpoint(run_dir, Checkpoint(server_round, arrays, federation_id, strategy.state_dict(),

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from common.adapters import from_record, to_record
+from common.checks import check_tensors, load_tensors, load_torch
+from common.errors import FileProblem, one_line
 from common.files import replace_dir, write_json
 
 FOLDER = "checkpoint"
@@ -58,17 +60,37 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The run folder's checkpoint, None when it has none; a damaged one is a FileProblem naming the file."""
     folder = Path(run_dir) / FOLDER
-    if not (folder / "state.json").is_file():
+    state_file = folder / "state.json"
+    if not state_file.is_file():
+        if folder.is_dir() and any(folder.iterdir()):
+            raise FileProblem(state_file, "missing, so the checkpoint is incomplete and cannot be resumed; "
+                                          "choose a new run-dir or pass --overwrite to start again")
         return None
-    state = json.loads((folder / "state.json").read_text())
-    if state.get("version") != VERSION:
-        raise ValueError(f"{folder / 'state.json'}: checkpoint version {state.get('version')!r}, "
-                         f"this code reads {VERSION}")
-    arrays = to_record(load_file(str(folder / "adapter.safetensors")))
-    strategy = torch.load(folder / "strategy.pt", weights_only=True)
-    return Checkpoint(state["round"], arrays, state["federation-id"], strategy, state["record"], state["config"],
-                      {int(k): v for k, v in state["nodes"].items()})
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise FileProblem(state_file, f"not readable JSON ({one_line(error)}); the checkpoint is damaged") from None
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        version = state.get("version") if isinstance(state, dict) else None
+        raise FileProblem(state_file, f"checkpoint version {version!r}, this code reads {VERSION}")
+    kinds = {"round": int, "federation-id": str, "record": dict, "config": dict, "nodes": dict}
+    for key, kind in kinds.items():
+        if not isinstance(state.get(key), kind) or (kind is int and isinstance(state[key], bool)):
+            raise FileProblem(state_file, f"key {key!r} missing or not {kind.__name__} (got "
+                                          f"{type(state.get(key)).__name__}); the checkpoint is damaged")
+    if state["round"] < 0 or set(state["record"]) < {"evaluations", "training", "round_seconds", "failures"}:
+        raise FileProblem(state_file, "round below 0 or an incomplete run record; the checkpoint is damaged")
+    tensors = load_tensors(folder / "adapter.safetensors", "checkpoint adapter")
+    check_tensors(tensors, folder / "adapter.safetensors", what="checkpoint adapter")
+    strategy = load_torch(folder / "strategy.pt", "strategy state")
+    try:
+        nodes = {int(k): str(v) for k, v in state["nodes"].items()}
+    except ValueError:
+        raise FileProblem(state_file, "'nodes' must map node ids (integers) to platforms") from None
+    return Checkpoint(state["round"], to_record(tensors), state["federation-id"], strategy, state["record"],
+                      state["config"], nodes)
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
@@ -77,5 +99,5 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], folder: Path
                      if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:5])
-        raise ValueError(f"{folder / FOLDER}: the run folder holds a checkpoint made with other settings "
-                         f"({detail}); resume with the same settings or choose a new run-dir")
+        raise FileProblem(folder / FOLDER, f"the run folder holds a checkpoint made with other settings ({detail}); "
+                                           "resume with the same settings, choose a new run-dir, or pass --overwrite")

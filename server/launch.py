@@ -25,6 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from common import cli
+from common.config import PollenConfig
+from common.errors import ConfigError, one_line
+from common.preflight import check_settings
 from common.processes import INSECURE_WARNING, flower_binary, flower_env, wait_for_port
 
 LOCAL_SUPERLINK_LOG = ("local-superlink", "superlink.log")  # where `flwr run` tells its local SuperLink to log
@@ -202,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "insecure", False):
         print(INSECURE_WARNING, file=sys.stderr)
-    return {"superlink": _superlink, "connect": _connect, "run": _run, "stop-local": _stop_local}[args.command](args)
+    try:
+        return {"superlink": _superlink, "connect": _connect, "run": _run,
+                "stop-local": _stop_local}[args.command](args)
+    except FileNotFoundError as error:  # certificates, keys, the CA: the user's files
+        raise ConfigError(one_line(error)) from None
 
 
 def _superlink(args: argparse.Namespace) -> int:
@@ -237,7 +245,28 @@ def _connect(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_run_config(app: Path, run_config: str) -> PollenConfig:
+    """The settings the ServerApp will get (the app's [tool.flwr.app.config] with --run-config over it), checked
+    here before anything is submitted: a mistake is one line now, not a failed run on the SuperLink later."""
+    import click
+    from flwr.common.config import flatten_dict, get_project_config, parse_config_args
+
+    try:
+        project = get_project_config(app)
+        overrides = parse_config_args([run_config]) if run_config else {}
+    except (OSError, ValueError, click.ClickException) as error:
+        raise ConfigError(f"--app {app} / --run-config: {one_line(error)}") from None
+    defaults = flatten_dict(project.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+    config = PollenConfig.from_flat({**defaults, **overrides})
+    check_settings(config, federation=True)
+    if config.federation.run_dir and not Path(config.federation.run_dir).is_absolute():
+        raise ConfigError(f"--run-config run-dir {config.federation.run_dir!r}: expected an absolute path (the "
+                          "ServerApp runs in the SuperLink's folder)")
+    return config
+
+
 def _run(args: argparse.Namespace) -> int:
+    check_run_config(Path(args.app).resolve(), args.run_config)
     run_id = submit_run(Path(args.app).resolve(), args.connection, args.run_config)
     print(f"run {run_id} submitted to '{args.connection}'; following its log", flush=True)
     log = subprocess.Popen([flower_binary("flwr"), "log", str(run_id), args.connection, "--stream"],
@@ -267,6 +296,7 @@ def _stop_local(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m server.launch", description=__doc__.split("\n")[0],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     link = commands.add_parser("superlink", help="operator: run the SuperLink (TLS + node authentication)")
     link.add_argument("--certs", default="certs", help="folder with ca.crt, server.crt, server.key (server.certs)")
@@ -295,4 +325,4 @@ def _parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

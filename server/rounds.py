@@ -5,7 +5,10 @@ round 0 evaluates the starting adapter. Each round: wait (at most round-timeout)
 connected, send train messages to every connected node, aggregate the replies that came within round-timeout
 (the strategy refuses to aggregate fewer than min-clients), evaluate the new adapter, then ``end_round``
 (the server checkpoints). A node that failed (error reply, e.g. its SuperNode missed its heartbeats) or did
-not answer in time is named in the log; a node that comes back is simply sampled again in the next round.
+not answer in time is named in the log with its platform. When the nodes still able to answer are fewer than
+min-clients (by default every client of the run), the federation stops at once (NodeFailed) instead of running
+on without them; a lower min-clients asks for partial federations, where a node that comes back is simply
+sampled again in the next round. Every wait (for nodes, for replies) says what it waits for every 30 s.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.config import FederationConfig
+from common.errors import NodeFailed, parse_node_error
+
+PULL_SECONDS = 0.1  # how often replies are pulled (Flower's send_and_receive pulls as often)
+NOTICE_SECONDS = 30.0  # a wait longer than this says what it waits for, and again every NOTICE_SECONDS
 
 Log = Callable[[str], None]
 Train = Callable[[int, ArrayRecord, ConfigRecord], "ArrayRecord | None"]
@@ -26,10 +33,11 @@ Train = Callable[[int, ArrayRecord, ConfigRecord], "ArrayRecord | None"]
 class RoundLoop:
     def __init__(self, grid: Grid, strategy: Strategy, federation: FederationConfig, log: Log = print,
                  on_failure: Callable[[int, str], None] = lambda r, line: None, poll_seconds: float = 1.0,
-                 reply_poll_seconds: float = 0.2):
+                 reply_poll_seconds: float = 0.2, notice_seconds: float | None = None):
         self.grid, self.strategy, self.federation = grid, strategy, federation
         self.reply_poll_seconds = reply_poll_seconds
         self.log, self.on_failure, self.poll_seconds = log, on_failure, poll_seconds
+        self.notice_seconds = NOTICE_SECONDS if notice_seconds is None else notice_seconds
         self.names: dict[int, str] = {}  # node id -> platform, learned from replies, to name failed nodes
 
     def run(self, arrays: ArrayRecord, config: ConfigRecord, first_round: int,
@@ -57,51 +65,75 @@ class RoundLoop:
         return self.strategy.aggregate_train(rnd, replies)[0]
 
     def wait_for_nodes(self, rnd: int) -> None:
-        """Flower's sampling waits forever for min-clients nodes; give up after round-timeout with a clear error."""
+        """Flower's sampling waits forever for min-clients nodes; say so every 30 s, give up after round-timeout."""
         need, timeout = self.federation.min_clients, self.federation.round_timeout
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        notice = start + self.notice_seconds
         while (connected := len(list(self.grid.get_node_ids()))) < need:
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - start > timeout:
                 kept = f"; the checkpoint of round {rnd - 1} is kept: run again to resume" if rnd > 0 else ""
-                raise RuntimeError(f"round {rnd}: {connected} node(s) connected after {timeout:.0f}s, min-clients "
-                                   f"is {need}{kept}")
+                raise NodeFailed(f"round {rnd}: {connected} node(s) connected after {timeout:.0f}s (round-timeout), "
+                                 f"min-clients is {need}{kept}")
+            if now >= notice:
+                self.log(f"round {rnd}: waiting for nodes to connect: {connected} of min-clients {need} "
+                         f"({now - start:.0f}s; giving up after round-timeout {timeout:.0f}s)")
+                notice = now + self.notice_seconds
             time.sleep(self.poll_seconds)
 
     def exchange(self, rnd: int, phase: str, messages: Iterable[Message]) -> list[Message]:
-        """Send, collect the replies that came within round-timeout, name every node that failed or stayed silent.
+        """Send, collect the replies that come within round-timeout, name every node that failed or stayed silent;
+        stop the federation (NodeFailed) as soon as fewer than min-clients nodes can still answer.
 
         A reply is matched to its node through the message it answers: the SuperLink itself signs the error
         reply for a node that missed its heartbeats.
         """
         messages = list(messages)
-        timeout = self.federation.round_timeout
-        replies = self.send_and_receive(messages, timeout)
-        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        answered = set()
-        for reply in replies:
-            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            answered.add(node)
-            if reply.has_error():
-                self.fail(rnd, phase, f"node {node} ({self.name(node)}) failed: {reply.error.reason}")
-            elif "platform" in reply.content.config_records:
-                self.names[node] = str(reply.content["platform"]["platform"])
-        for node in sorted(set(node_of.values()) - answered):
-            self.fail(rnd, phase, f"node {node} ({self.name(node)}) sent no reply within {timeout:.0f}s")
-        return replies
-
-    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
-        """``Grid.send_and_receive`` with a short poll: the deployed Grid looks for replies every 3 s (the
-        simulation's every 0.1 s), which costs a deployed round up to 3 s per phase for nothing."""
+        if not messages:
+            return []
+        timeout, need = self.federation.round_timeout, self.federation.min_clients
         pending = set(self.grid.push_messages(messages))
-        deadline = time.monotonic() + timeout
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         replies: list[Message] = []
+        failed = 0
+        start = time.monotonic()
+        notice = start + self.notice_seconds
         while pending:
-            for reply in self.grid.pull_messages(list(pending)):
-                replies.append(reply)
+            for reply in list(self.grid.pull_messages(set(pending))):
                 pending.discard(reply.metadata.reply_to_message_id)
-            if not pending or time.monotonic() > deadline:
+                replies.append(reply)
+                node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                if not reply.has_error():
+                    if "platform" in reply.content.config_records:
+                        self.names[node] = str(reply.content["platform"]["platform"])
+                    continue
+                reason = str(reply.error.reason or f"error code {reply.error.code}")
+                known = parse_node_error(reason)  # the ClientApp names its platform (client/app.py)
+                if known:
+                    self.names[node], reason = known[0], known[2]
+                failed += 1
+                line = f"node {node} ({self.name(node)}) failed: {reason}"
+                self.fail(rnd, phase, line)
+                if len(messages) - failed < need:
+                    raise NodeFailed(f"round {rnd} {phase}: {line} -- the federation stops (min-clients {need}; "
+                                     "set min-clients lower to go on without a failed platform)",
+                                     user_error=bool(known and known[1]))
+            now = time.monotonic()
+            if not pending or now - start > timeout:
                 break
+            if now >= notice:
+                waiting = ", ".join(f"node {node_of[m]} ({self.name(node_of[m])})" for m in sorted(pending))
+                self.log(f"round {rnd} {phase}: waiting for {len(pending)} of {len(messages)} replies: {waiting} "
+                         f"({now - start:.0f}s; giving up after round-timeout {timeout:.0f}s)")
+                notice = now + self.notice_seconds
             time.sleep(self.reply_poll_seconds)
+        silent = sorted(node_of[m] for m in pending)
+        for node in silent:
+            self.fail(rnd, phase, f"node {node} ({self.name(node)}) sent no reply within {timeout:.0f}s")
+        if silent and len(messages) - failed - len(silent) < need:
+            raise NodeFailed(f"round {rnd} {phase}: {len(silent)} node(s) sent no reply within round-timeout "
+                             f"{timeout:.0f}s ({', '.join(self.name(n) for n in silent)}) -- the federation stops "
+                             f"(min-clients {need}); the checkpoint of the last finished round is kept")
         return replies
 
     def fail(self, rnd: int, phase: str, what: str) -> None:

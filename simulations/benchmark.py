@@ -24,11 +24,14 @@ import numpy as np
 import torch
 
 from common.baselines import popularity_scorer, zero_shot_scorer
+from common import cli
 from common.config import PollenConfig, add_flags, from_args
+from common.errors import ConfigError
+from common.preflight import add_run_flags, preflight
 from common.data.sources import load_split, platform_names
 from common.data.split import SplitData
 from common.evaluate import evaluate
-from common.files import resolve_run_dir, write_atomic, write_json
+from common.files import write_atomic, write_json
 from common.model.encoder import TextEncoder, cached_item_states
 from common.model.recommender import Recommender
 from common.runtime import configure_threads, default_cache_dir
@@ -288,7 +291,6 @@ def run_seeds_in_parallel(config: PollenConfig, methods: tuple[str, ...], seeds:
                                                                   "threads": 1}).to_flat().items()]
             command = [sys.executable, "-m", "simulations.benchmark", "--methods", ",".join(methods),
                        "--cache-dir", cache_dir, *flags]
-            folder.mkdir(parents=True, exist_ok=True)
             output = open(run_dir / f"seed-{seed}.log", "w")
             running[seed] = (subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT), output)
             log(f"seed {seed}: started (log {run_dir / f'seed-{seed}.log'})")
@@ -315,16 +317,21 @@ def main() -> None:
                         "one thread (default 1: one after the other in this process)")
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
     add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data", "num-rounds": BUDGET_EPOCHS}))
+    add_run_flags(parser)
     args = parser.parse_args()
     config = from_args(args)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or [config.train.seed]
     except ValueError:
-        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    configure_threads(config.train.threads)
-    config = config.replace(**{"run-dir": str(resolve_run_dir(config.federation.run_dir, "benchmark"))})
-    start = time.perf_counter()
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    known = METHODS + OPTIONAL + tuple(FEDERATED_VARIANTS)
+    unknown = sorted(set(methods) - set(known))
+    if unknown or not methods:
+        raise ConfigError(f"--methods: unknown {unknown or 'empty'}; expected some of {known}")
+    config = preflight(config, "benchmark", args.overwrite, federation=any(m.startswith("federated") for m in methods))
+    configure_threads(config.train.threads)
+    start = time.perf_counter()
     if args.jobs > 1 and len(seeds) > 1:
         results = run_seeds_in_parallel(config, methods, seeds, args.cache_dir, args.jobs)
     else:
@@ -338,4 +345,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from common import cli
 from common.config import PollenConfig, add_flags, from_args
 from common.data.sources import SYNTHETIC_PLATFORMS
 from common.files import write_json
@@ -246,4 +247,4 @@ def report(label: str, run: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

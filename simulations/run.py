@@ -15,7 +15,10 @@ import os
 import time
 import warnings
 
+from common import cli
+from common.cli import add_debug_flag
 from common.config import PollenConfig, add_flags, from_args  # light: parsing flags imports no model library
+from common.errors import ConfigError
 
 
 class HideRunSimulationDeprecation(logging.Filter):
@@ -97,12 +100,15 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, 
     cpus = cpus or os.cpu_count() or 1
     names = client_names(config.data)
     gpus = 1.0 / len(names) if torch.cuda.is_available() else 0.0  # Ray hides the GPU from actors given none
-    records = []
+    records, failures = [], []
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid, context) -> None:
-        records.append(run_federation(grid, config))
+        try:
+            records.append(run_federation(grid, config))
+        except Exception as error:  # raised again below, in the caller's thread, after the simulation stops
+            failures.append(error)
 
     if quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -113,6 +119,8 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, 
     with ChildProcesses():  # nothing of the run outlives it
         run_simulation(server_app=server_app, client_app=client_app,
                        num_supernodes=len(names), backend_config=backend)
+    if failures:
+        raise failures[0]
     last = max(records[0].evaluations, default=None) if records else None  # early stopping may end it sooner
     if last is None or set(records[0].evaluations[last]) != set(names):
         raise RuntimeError(f"the federation did not finish with every client ({sorted(names)}): "
@@ -120,23 +128,40 @@ def simulate(config: PollenConfig, cpus: int | None = None, quiet: bool = True, 
     return records[0]
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpus", type=int, default=None, help="cores for the simulation (default: all)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's own log")
     parser.add_argument("--ray-address", default=None,
                         help="run the clients on an existing Ray cluster (e.g. 'auto' on its head node)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --run-dir holds (by default a folder with results is resumed from its "
+                             "checkpoint, or refused)")
+    add_debug_flag(parser)
     add_flags(parser)
     args = parser.parse_args()
+    if args.cpus is not None and args.cpus < 1:
+        raise ConfigError(f"--cpus must be >= 1, got {args.cpus}")
     config = from_args(args)
     start = time.perf_counter()
+    # check before work: every setting and every platform's data, before Ray, Flower or a model starts
+    from common.files import claim_run_dir  # after parsing: --help stays light
+    from common.preflight import check_platforms, check_settings, resolve_min_clients
+
+    check_settings(config, federation=True)
+    config = resolve_min_clients(config, print)
+    run_dir = claim_run_dir(config.federation.run_dir, overwrite=args.overwrite,
+                            resume_marker="checkpoint/state.json")
+    config = config.replace(**{"run-dir": str(run_dir)})
+    check_platforms(config, log=print)
     record = simulate(config, args.cpus, quiet=not args.verbose, ray_address=args.ray_address)
     print(f"\nfinished {record.num_rounds} rounds in {time.perf_counter() - start:.0f}s; results in {record.run_dir}")
     for name, chosen in sorted(record.selected().items()):
         print(f"  {name}: round {chosen['round']} (best validation)  test NDCG@10 {chosen['test']['ndcg@10']:.4f}  "
               f"HR@10 {chosen['test']['hr@10']:.4f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -29,9 +29,12 @@ import json
 import time
 from pathlib import Path
 
+from common import cli
 from common.config import PollenConfig, add_flags, from_args
+from common.errors import ConfigError
+from common.preflight import add_run_flags, preflight
 from common.data.sources import load_split
-from common.files import resolve_run_dir, write_atomic, write_json
+from common.files import claim_run_dir, write_atomic, write_json
 from common.runtime import configure_threads, default_cache_dir
 
 STARTS = ("federated", "pretrained", "sasrec-id")
@@ -48,9 +51,9 @@ def parse_fractions(text: str) -> list[float]:
     try:
         values = sorted({float(p) for p in text.split(",") if p.strip()})
     except ValueError:
-        raise ValueError(f"--fractions: expected comma-separated percentages, got {text!r}") from None
+        raise ConfigError(f"--fractions: expected comma-separated percentages, got {text!r}") from None
     if not values or values[0] < 0 or values[-1] > 100:
-        raise ValueError(f"--fractions: every percentage must be in [0, 100], got {text!r}")
+        raise ConfigError(f"--fractions: every percentage must be in [0, 100], got {text!r}")
     return [v / 100 for v in values]
 
 
@@ -288,20 +291,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", nargs="+", default=[], metavar="DIR",
                         help="combine the transfer.json of these run folders into --run-dir instead of running")
     add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data"}))
+    add_run_flags(parser)
     args = parser.parse_args(argv)
     if args.merge:
-        run_dir = resolve_run_dir(args.run_dir, "transfer")
+        run_dir = claim_run_dir(args.run_dir, "transfer", args.overwrite)
         results = merge([json.loads((Path(d) / "transfer.json").read_text()) for d in args.merge])
         return _write(results, run_dir)
     starts = tuple(s.strip() for s in args.starts.split(",") if s.strip())
     if args.epochs < 1 or not starts or set(starts) - set(STARTS):
         parser.error(f"--epochs must be >= 1 and --starts a subset of {STARTS}")
     config = from_args(args)
+    fractions = parse_fractions(args.fractions)
+    federate = "federated" in starts and not args.adapter  # the federation runs here first
+    config = preflight(config, "transfer", args.overwrite, federation=federate, platforms=federate,
+                       targets={Path(args.target).name: str(_target_path(config, args.target))},
+                       adapter=args.adapter or None)
     configure_threads(config.train.threads)
-    run_dir = resolve_run_dir(config.federation.run_dir, "transfer")
-    config = config.replace(**{"run-dir": str(run_dir)})
+    run_dir = Path(config.federation.run_dir)
     begin = time.perf_counter()
-    results = run_transfer(config, args.target, args.adapter, parse_fractions(args.fractions), args.epochs,
+    results = run_transfer(config, args.target, args.adapter, fractions, args.epochs,
                            run_dir, args.cache_dir, starts)
     results["seconds"] = time.perf_counter() - begin
     return _write(results, run_dir)
@@ -316,5 +324,9 @@ def _write(results: dict, run_dir: Path) -> int:
     return 0
 
 
+def _target_path(config: PollenConfig, target: str) -> Path:
+    return Path(target) if Path(target).is_dir() else Path(config.data.data_dir) / target
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

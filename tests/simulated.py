@@ -20,7 +20,7 @@ class RecordingGrid:
         self.replies.extend(replies)
         return replies
 
-    def pull_messages(self, message_ids):  # the round loop polls for replies itself (server/rounds.py)
+    def pull_messages(self, message_ids):  # the round loop pushes, then pulls until every reply is in
         replies = list(self.grid.pull_messages(message_ids))
         self.replies.extend(replies)
         return replies
@@ -39,11 +39,17 @@ def simulate(config: PollenConfig, client_app, num_supernodes: int = 3) -> tuple
     @server_app.main()
     def _main(grid, context):
         recording = RecordingGrid(grid)
-        seen["record"] = run_federation(recording, config, log=seen["log"].append)
         seen["replies"] = recording.replies
+        try:
+            seen["record"] = run_federation(recording, config, log=seen["log"].append)
+        except Exception as error:  # the caller sees it (raised below), not only Flower's log
+            seen["error"] = error
 
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    if "error" in seen:
+        seen["error"].server_log = seen["log"]
+        raise seen["error"]
     assert "record" in seen, "the ServerApp did not finish"
     return seen["record"], seen["replies"], seen["log"]

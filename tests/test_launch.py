@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from flwr.common.config import parse_config_args
 
 from client.launch import node_config, supernode_command
+from common.errors import ConfigError
 from server import launch
 from server.certs import make_partner_key, make_server_cert
 
@@ -46,5 +47,5 @@ def test_insecure_only_when_asked_and_with_a_warning(tmp_path, monkeypatch, caps
     assert "WARNING: --insecure" in capsys.readouterr().err
     config = tomllib.loads((tmp_path / "flwr" / "config.toml").read_text())
     assert config["superlink"]["trial"] == {"address": "127.0.0.1:9092", "insecure": True}
-    with pytest.raises(FileNotFoundError, match="CA certificate"):
+    with pytest.raises(ConfigError, match="CA certificate"):  # a user's mistake: one line, exit 2 (common/cli.py)
         launch.main(["connect", "--address", "127.0.0.1:9092", "--ca", str(tmp_path / "none.crt")])

@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+
+from common.errors import FileProblem
 import torch
 from safetensors.torch import load_file
 
@@ -87,7 +89,7 @@ def test_adapt_command_starts_from_the_adapter_and_exports_a_servable_model(tiny
 
 
 def test_adapt_command_rejects_a_missing_adapter(platform_folder, tmp_path):
-    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+    with pytest.raises(FileProblem, match="adapter_model.safetensors"):
         adapt_main(["--adapter", str(tmp_path), "--data-path", str(platform_folder), "--export-dir",
                     str(tmp_path / "m")])
 

@@ -17,8 +17,8 @@ timestamps keep their file order. Columns are found by header name, in any order
 - ``item`` (required): the item id, any string listed in the items file.
 - ``timestamp`` (required): integer Unix epoch seconds (``1704067200``), or an ISO-8601 date or date-time
   (``2024-01-01``, ``2024-01-01T09:30:00``, ``2024-01-01 09:30:00+02:00``); a date or date-time without an offset
-  is UTC. Stored as int64 epoch seconds. The two kinds may be mixed in one file.
-- ``rating`` (optional): a number; an empty cell means no rating.
+  is UTC. Stored as int64 epoch seconds. The two kinds may be mixed in one file. Years 1 to 9999.
+- ``rating`` (optional): a finite number from 0 to 100; an empty cell means no rating.
 
 ``items.csv`` or ``items.parquet`` -- one row per item: ``item`` (a unique id) and ``text`` (a non-empty
 description: title, category, brand...). Items nobody interacted with are kept.
@@ -67,6 +67,12 @@ TSV = {"sep": "\t", "quoting": csv.QUOTE_NONE}
 CSV = {"sep": ",", "quoting": csv.QUOTE_MINIMAL}
 INDEX_NAMES = ["id", "index"]  # the two columns of a header-less ``.item2index`` / ``.user2index`` file
 EPOCH = pd.Timestamp(0, tz="UTC")
+# Value ranges: every number a loader reads has one. Integer epoch seconds span the years ISO-8601 dates can
+# write (0001-01-01 to 9999-12-31); ratings are a score on a scale up to 100 (MovieLens 0.5-5, Amazon 1-5).
+SECONDS_RANGE = (-62135596800, 253402300799)
+SECONDS_EXPECTED = ("timestamp {value} out of range; expected integer epoch seconds between -62135596800 and "
+                    "253402300799 (years 1 to 9999; milliseconds must be divided by 1000)")
+RATING_RANGE = (0.0, 100.0)
 
 # The files each format needs, in detection order; "<name>" is the dataset's file prefix, "a|b" means either.
 LAYOUTS: dict[str, tuple[str, ...]] = {
@@ -87,6 +93,10 @@ def load_platform(path: str | Path, name: str | None = None, fmt: str = "auto") 
     folder = Path(path)
     if not folder.is_dir():
         raise DataError(folder, "not a folder; expected a platform folder holding the data files")
+    try:
+        str(folder.resolve()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(folder, "the folder's path is not valid UTF-8; rename it (UTF-8 names only)") from None
     fmt = detect_format(folder) if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise DataError(folder, f"unknown format {fmt!r}; expected 'auto' or one of {sorted(FORMATS)}")
@@ -422,44 +432,54 @@ def _check_known(items: pd.Series, known: pd.Series, file: Path, column: str, ta
 
 
 def _integer_timestamps(values: pd.Series, file: Path, column: str) -> pd.Series:
-    """Whole numbers as int64; integral float text (RecBole's ``881250949.0``) is accepted up to 2**53."""
+    """Whole numbers as int64, within +-2**53; integral float text (RecBole's ``881250949.0``) is accepted."""
     numbers = pd.to_numeric(values, errors="coerce")
-    if numbers.dtype.kind == "i":
-        return numbers.astype("int64")
     exact = numbers.notna() & (numbers % 1 == 0) & (numbers.abs() <= 2**53)
-    _first_bad(file, ~exact, values, "unparsable timestamp {value}; expected an integer time", column)
+    _first_bad(file, ~exact, values, "unparsable or out-of-range timestamp {value}; expected an integer time "
+               "between -2**53 and 2**53", column)
     return numbers.astype("int64")
 
 
 def _generic_timestamps(values: pd.Series, file: Path) -> pd.Series:
-    """Epoch seconds from integers, ISO-8601 text, or a parquet timestamp column."""
+    """Epoch seconds from integers, ISO-8601 text, or a parquet timestamp column; years 1 to 9999 either way."""
     if pd.api.types.is_datetime64_any_dtype(values):
         seconds = _epoch_seconds(pd.to_datetime(values, utc=True))
         _first_bad(file, seconds.isna(), values, "missing timestamp {value}; expected a time", "timestamp")
         return seconds.astype("int64")
     if pd.api.types.is_numeric_dtype(values):
-        return _integer_timestamps(values, file, "timestamp")
+        numbers = values.astype("float64")
+        _first_bad(file, ~numbers.between(*SECONDS_RANGE) | (numbers % 1 != 0), values, SECONDS_EXPECTED,
+                   "timestamp")
+        return values.astype("int64")
     text = _as_text(values).str.strip()
     integer = text.str.fullmatch(r"[+-]?\d+")
     dates = pd.to_datetime(text.where(~integer), format="ISO8601", utc=True, errors="coerce")
     _first_bad(file, ~integer & dates.isna(), text,
                "unparsable timestamp {value}; expected integer epoch seconds or an ISO-8601 date", "timestamp")
-    return pd.Series(np.where(integer, text.where(integer, "0").astype("int64"),
+    numbers = pd.to_numeric(text.where(integer), errors="coerce")  # float: exact within the range checked
+    _first_bad(file, integer & ~numbers.between(*SECONDS_RANGE), text, SECONDS_EXPECTED, "timestamp")
+    return pd.Series(np.where(integer, numbers.fillna(0).astype("int64"),
                               _epoch_seconds(dates).fillna(0).astype("int64")), index=values.index)
 
 
 def _epoch_seconds(times: pd.Series) -> pd.Series:
-    return (times - EPOCH) // pd.Timedelta(seconds=1)
+    """Whole seconds since 1970 (in microseconds first: nanoseconds cannot hold years before 1677 or after 2262)."""
+    return (times.dt.as_unit("us") - EPOCH.as_unit("us")) // pd.Timedelta(seconds=1)
 
 
 def _ratings(values: pd.Series, file: Path) -> pd.Series:
-    """Ratings as float64; an empty cell means no rating."""
+    """Ratings as float64 within RATING_RANGE; an empty cell means no rating."""
+    expected = f"expected a number (finite, between {RATING_RANGE[0]:g} and {RATING_RANGE[1]:g})"
     if pd.api.types.is_numeric_dtype(values):
-        return values.astype("float64")
+        numbers = values.astype("float64")
+        _first_bad(file, numbers.notna() & ~numbers.between(*RATING_RANGE), values,
+                   f"rating {{value}} out of range; {expected}", "rating")
+        return numbers
     text = _as_text(values).str.strip()
     numbers = pd.to_numeric(text.where(text != ""), errors="coerce")
-    _first_bad(file, (text != "") & numbers.isna(), text, "non-numeric rating {value}; expected a number",
-               "rating")
+    _first_bad(file, (text != "") & numbers.isna(), text, f"non-numeric rating {{value}}; {expected}", "rating")
+    _first_bad(file, numbers.notna() & ~numbers.between(*RATING_RANGE), text,
+               f"rating {{value}} out of range; {expected}", "rating")
     return numbers.astype("float64")
 
 

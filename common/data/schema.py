@@ -10,15 +10,17 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from common.errors import UserError, printable_path
+
 INTERACTION_COLUMNS = ("platform", "user", "item", "timestamp", "rating")
 ITEM_COLUMNS = ("item", "text")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data: the message names the file, the line or column, and what was expected."""
 
     def __init__(self, path: object, problem: str, *, line: int | None = None, column: str | None = None):
-        where = str(path)
+        where = printable_path(path)
         if line is not None:
             where += f", line {line}"
         if column is not None:

@@ -9,8 +9,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from common.config import DataConfig
-from common.data.schema import PlatformData
-from common.data.split import SplitData, leave_one_out, silo
+from common.errors import ConfigError
+from common.data.schema import DataError, PlatformData
+from common.data.split import MIN_HISTORY, SplitData, leave_one_out, silo
 
 SYNTHETIC_PLATFORMS = ("ecommerce", "social", "video")
 
@@ -33,7 +34,7 @@ def simulated_client(config: DataConfig, partition: int) -> tuple[str, int]:
     names = platform_names(config)
     count = config.clients_per_platform
     if not 0 <= partition < len(names) * count:
-        raise ValueError(f"node partition-id {partition} but the run has only {len(names) * count} clients "
+        raise ConfigError(f"node partition-id {partition} but the run has only {len(names) * count} clients "
                          f"({len(names)} platforms x clients-per-platform {count})")
     return names[partition // count], partition % count
 
@@ -55,11 +56,12 @@ def load_platform(config: DataConfig, name: str, path: str | None = None) -> Pla
     if not config.data_dir:
         by_name = _synthetic(config.synthetic_seed)
         if name not in by_name:
-            raise ValueError(f"no synthetic platform {name!r}; expected one of {sorted(by_name)}")
+            raise ConfigError(f"no synthetic platform {name!r} (config 'data-dir' is empty: the embedded data); "
+                              f"expected one of {sorted(by_name)}, or set data-dir")
         return by_name[name]
     paths = dict(config.platform_paths())
     if name not in paths:
-        raise ValueError(f"platform {name!r} is not in config 'platforms' ({config.platforms})")
+        raise ConfigError(f"platform {name!r} is not in config 'platforms' ({config.platforms})")
     from common.data.loaders import load_platform as load_folder
 
     return load_folder(Path(config.data_dir) / paths[name], name)
@@ -73,4 +75,15 @@ def load_split(config: DataConfig, name: str, path: str | None = None, silo_inde
 
         data = k_core(data, config.k_core)
     split = leave_one_out(data)
-    return split if silo_index is None else silo(split, silo_index, config.clients_per_platform)
+    if split.num_users == 0:
+        raise DataError(data.source or name, f"no user has {MIN_HISTORY} or more interactions ({data.num_users:,} "
+                        f"users, {len(data.interactions):,} interactions"
+                        + (f" after the {config.k_core}-core" if config.k_core > 1 else "")
+                        + f"); expected users with at least {MIN_HISTORY}: a training, a validation and a test item")
+    if silo_index is None:
+        return split
+    part = silo(split, silo_index, config.clients_per_platform)
+    if part.num_users == 0:
+        raise ConfigError(f"config 'clients-per-platform' {config.clients_per_platform} is more than the "
+                          f"{split.num_users} usable users of platform {name!r}")
+    return part
