@@ -25,11 +25,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 
-from common.checks import check_tensors, load_tensors, shapes
 from common.config import PollenConfig
-from common.errors import FileProblem, one_line
 from common.files import replace_dir, write_atomic, write_json
 from common.model.head import RecommendationHead
 from common.model.recommender import score_histories

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from client import app as pollen_client
 from common.config import PollenConfig
+from common.model.encoder import SHARED, SHARED_FILE
 from simulated import simulate
 
 
@@ -67,7 +68,9 @@ def test_only_adapter_tensors_and_scalars_leave_clients(federation):
         if reply.metadata.message_type.endswith("train"):
             (name, arrays), = content.array_records.items()
             assert name == "arrays"
-            assert all("lora_" in key for key in arrays)  # no head, no item table, no embeddings
+            # the shared set only: LoRA + text adaptor + sequence encoder; no item table, theta or rating output
+            assert all("lora_" in key or key.startswith(("shared.adaptor.", "shared.sequence.")) for key in arrays)
+            assert not any("item_emb" in key or "theta" in key or "rating" in key for key in arrays)
             assert sum(len(a.data) for a in arrays.values()) == record.adapter_bytes
         else:
             assert not content.array_records
@@ -83,12 +86,13 @@ def test_global_adapter_is_weighted_mean_of_honest_updates(federation):
     last_round = [r for r in last_round if r.content["platform"]["platform"] != HOSTILE_PLATFORM]
     weights = np.array([r.content["metrics"]["num-examples"] for r in last_round], dtype=np.float64)
     assert len(set(weights)) > 1  # platforms differ in size, so the weighting matters
-    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))  # LoRA, PEFT format
+    shared = load_file(str(run_dir / "adapter" / SHARED_FILE))  # the text adaptor and sequence encoder
     for key in last_round[0].content["arrays"]:
         stacked = np.stack([r.content["arrays"][key].numpy() for r in last_round])
         expected = np.tensordot(weights / weights.sum(), stacked, axes=1)
-        peft_key = key.replace(".default", "")
-        assert np.allclose(saved[peft_key].numpy(), expected, atol=1e-6), key
+        value = shared[key[len(SHARED):]] if key.startswith(SHARED) else saved[key.replace(".default", "")]
+        assert np.allclose(value.numpy(), expected, atol=1e-6), key
     assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == config.model.lora_rank
 
 

@@ -60,8 +60,8 @@ def test_settings_out_of_range_are_config_errors(key, value, words):
 def test_preflight_refuses_what_validate_cannot_see(platforms):
     from common.preflight import check_platforms, check_settings, resolve_min_clients
 
-    with pytest.raises(ConfigError, match="lora-layers >= 1"):
-        check_settings(PollenConfig().replace(**{"lora-layers": 0}), federation=True)
+    with pytest.raises(ConfigError, match="needs text = true"):
+        check_settings(PollenConfig().replace(**{"text": False}), federation=True)
     with pytest.raises(ConfigError, match="base-model"):
         check_settings(PollenConfig().replace(**{"base-model": "/no/such/model"}))
     two = PollenConfig().replace(**{"data-dir": str(platforms), "platforms": "shop=shop-export,forum=forum-export"})

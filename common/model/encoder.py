@@ -71,7 +71,7 @@ def length_batches(lengths: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> l
 class ItemStates:
     """Bottom-layer token states of a whole catalogue; item 0 is the padding item (no tokens)."""
 
-    states: torch.Tensor    # [total_tokens, hidden] float16
+    states: torch.Tensor    # [total_tokens, hidden] float16 (float32 when each item is one pooled vector)
     offsets: torch.Tensor   # [num_items + 1] start of each item's tokens
     lengths: torch.Tensor   # [num_items + 1] token count (0 for the padding item)
     max_tokens: int = 0     # the truncation the texts were encoded with
@@ -195,7 +195,9 @@ class TextEncoder(nn.Module):
         lengths = (token_lengths > 0).long() if pooled else token_lengths
         offsets = torch.zeros_like(lengths)
         offsets[1:] = torch.cumsum(lengths, 0)[:-1]
-        states = torch.zeros(int(lengths.sum()), self.hidden_size, dtype=torch.float16)
+        # token states in float16 (most of the memory); a frozen encoder's one vector per item in float32, so a
+        # text encoded later (a new item at serving time) gives exactly the vector the model was trained on
+        states = torch.zeros(int(lengths.sum()), self.hidden_size, dtype=torch.float32 if pooled else torch.float16)
         bert = self._bert
         for chunk in length_batches(token_lengths[1:], batch_tokens):
             chunk = chunk.tolist()
@@ -208,7 +210,7 @@ class TextEncoder(nn.Module):
                 hidden = ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0))[:, None]
             for row, i in enumerate(chunk):
                 n = int(lengths[i + 1])
-                states[offsets[i + 1]:offsets[i + 1] + n] = hidden[row, :n].half()
+                states[offsets[i + 1]:offsets[i + 1] + n] = hidden[row, :n].to(states.dtype)
         return ItemStates(states, offsets, lengths, max_tokens)
 
     def forward(self, cache: ItemStates, items: torch.Tensor) -> torch.Tensor:
@@ -251,7 +253,7 @@ def cached_item_states(encoder: TextEncoder, texts: list[str], cache_dir: str | 
         return encoder.item_states(texts, max_tokens=budget)
     digest = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
     name = (f"{encoder.model_name}-bottom{encoder.num_layers - encoder.top_layers}-tok{budget}"
-            f"-{digest}-v3.pt")
+            f"-{digest}-v4.pt")
     path = Path(cache_dir) / name
     if path.is_file():
         return ItemStates(**torch.load(path))

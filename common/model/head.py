@@ -155,9 +155,9 @@ class TextAdaptor(nn.Module):
             nn.init.zeros_(self.gate.weight)  # start as the plain mean of the experts
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        present = (text.abs().sum(-1, keepdim=True) > 0).to(text.dtype)
-        out = torch.einsum("nek,ekd->ned", text[:, None, :] - self.bias, self.weight)
+        present = (text.abs().sum(-1, keepdim=True) > 0).to(text.dtype)  # text [..., text_dim]
+        out = torch.einsum("...ek,ekd->...ed", text[..., None, :] - self.bias, self.weight)
         if self.gate is None:
-            return out[:, 0] * present
+            return out[..., 0, :] * present
         gate = torch.softmax(self.gate(text), dim=-1)
-        return (gate[..., None] * out).sum(1) * present
+        return (gate[..., None] * out).sum(-2) * present
