@@ -106,8 +106,9 @@ class PrivacyConfig:
     max_update_norm: float = 0.0    # reject an update whose L2 norm exceeds this; 0 = off
     dp_epsilon: float = 0.0         # user-level DP-SGD: target epsilon over all rounds (calibrates dp-noise); 0 = off
     dp_noise: float = 0.0           # noise multiplier sigma when dp-epsilon = 0; both 0 = no DP
-    dp_clip: float = 1.0            # L2 bound on one user's gradient (adapter + head)
+    dp_clip: float = 1.0            # L2 bound on one user's gradient (every trained parameter)
     dp_delta: float = 0.0           # delta of the reported epsilon; 0 = 1 / training users of the platform
+    dp_users_per_step: int = 0      # expected users per noisy step (sample rate = this / users); 0 = batch-size
     secagg_max_weight: float = 10000.0  # SecAgg+ weights = training sequences / this (keep >= the largest client)
 
     @property
@@ -125,6 +126,7 @@ class PrivacyConfig:
             (self.dp_epsilon >= 0 and self.dp_noise >= 0, "dp-epsilon and dp-noise must be >= 0"),
             (self.dp_clip > 0, "dp-clip must be > 0"),
             (0.0 <= self.dp_delta < 1.0, "dp-delta must be in [0, 1)"),
+            (self.dp_users_per_step >= 0, "dp-users-per-step must be >= 0"),
             (self.secagg_max_weight > 0, "secagg-max-weight must be > 0"),
             (not (self.secagg and self.aggregator != "mean"), "secagg sums the updates: aggregator must be 'mean'"),
         ]
