@@ -160,12 +160,13 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     from torch.func import functional_call, grad_and_value, vmap
 
     inputs, targets, ratings = (per_user(t, users) if t is not None else None for t in batch)
-    names = parameter_names(model, params)
+    loss = HeadLoss(model)
+    names = parameter_names(loss, params)
     table = model.text_table()
     table = table.detach() if table is not None else None
 
     def user_loss(weights, x, y, r):
-        return functional_call(model, weights, (x, y, table, r, negatives))
+        return functional_call(loss, weights, (x, y, table, r, negatives))
 
     step = vmap(grad_and_value(user_loss), in_dims=(None, 0, 0, 0 if ratings is not None else None),
                 randomness="different", chunk_size=USER_CHUNK)
@@ -174,6 +175,20 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     with sdpa_kernel(SDPBackend.MATH):
         grads, losses = step(dict(zip(names, params)), inputs, targets, ratings)
     return [grads[name] for name in names], losses.detach()
+
+
+class HeadLoss(torch.nn.Module):
+    """``Recommender.forward`` seen through the head alone. The recommender holds the shared adaptor and sequence
+    encoder twice (encoder.shared, head.shared); torch.func.functional_call under grad does not restore such tied
+    parameters as the module's own (torch 2.13: they come back as plain tensors), so it is given the head only."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.head = model.head
+        self._model = [model]  # not registered: its parameters are the head's, plus frozen ones
+
+    def forward(self, *args):
+        return self._model[0](*args)
 
 
 def segments(owners: np.ndarray) -> list[np.ndarray]:
