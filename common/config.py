@@ -195,6 +195,9 @@ class PrivacyConfig:
                                                   "values": "> 0"})
     dp_delta: float = field(default=0.0, metadata={"help": "delta of the reported epsilon",
                                                    "values": "[0, 1) (0 = 1 / training users)"})
+    dp_users_per_step: int = field(default=0, metadata={
+        "help": "user-level DP: expected users per noisy step (sample rate = this / users); fewer, larger steps "
+                "add relatively less noise", "values": ">= 0 (0 = batch-size)"})
     secagg_max_weight: float = field(default=10000.0, metadata={
         "help": "SecAgg+ weights are training sequences / this (keep it >= the largest client)", "values": "> 0",
         "scope": "federation"})
@@ -214,6 +217,7 @@ class PrivacyConfig:
             (self.dp_epsilon >= 0 and self.dp_noise >= 0, "dp-epsilon and dp-noise must be >= 0"),
             (self.dp_clip > 0, "dp-clip must be > 0"),
             (0.0 <= self.dp_delta < 1.0, "dp-delta must be in [0, 1)"),
+            (self.dp_users_per_step >= 0, "dp-users-per-step must be >= 0"),
             (self.secagg_max_weight > 0, "secagg-max-weight must be > 0"),
             (not (self.secagg and self.aggregator != "mean"), "secagg sums the updates: aggregator must be 'mean'"),
         ]

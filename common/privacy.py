@@ -1,26 +1,38 @@
-"""User-level DP-SGD for one platform: the unit of privacy is one user (all of that user's training windows).
+"""User-level DP-SGD for one platform, a plug-in of the one epoch body (``Trainer.epoch``, common/train.py).
 
-Each step samples users independently with probability q (Poisson sampling, which opacus's RDP accountant
-assumes), computes one gradient per sampled user over the adapter and the head (common/train.py runs the user's
-windows as one micro-batch), clips it to L2 norm ``dp-clip``, sums, adds Gaussian noise of std
-``sigma * dp-clip`` and divides by the expected number of users ``q * n``. Opacus's ``RDPAccountant`` tracks
+The unit of privacy is one user: all of that user's training windows. Each step samples users independently with
+probability q (Poisson sampling, which opacus's RDP accountant assumes; drawn from a secret generator, so the
+sample is not predictable from the run's public seed), computes one gradient per sampled user, clips it to L2 norm
+``dp-clip``, sums, adds Gaussian noise of std ``sigma * dp-clip`` and divides by the expected number of users
+``q * n``; the optimiser then takes its step as in non-private training. Opacus's ``RDPAccountant`` tracks
 (sigma, q, steps) across rounds (its history travels in the trainer state) and reports epsilon at delta.
 
-Why micro-batches rather than per-sample gradient hooks: a training step re-encodes items through the LoRA
-layers once for the whole batch and every user's softmax runs over the same item table, so per-example hooks
-(opacus GradSampleModule) would mix users; one forward/backward per user keeps users separate by construction.
-Each user re-encodes only its share of ``live-items`` (live-items / batch-size, at least one of its own items),
-so the encoder work per step equals a non-private step's; the per-user head forward/backward is the extra cost.
+Per-user gradients, two paths:
+- frozen encoder (lora-layers = 0, the default): vectorised, one pass per step. ``torch.func``: ``grad`` of the
+  model's masked per-user loss (``Recommender.forward``) ``vmap``-ed over the sampled users, each user's windows
+  padded to the step's most windows per user. The catalogue's text vectors are a constant of the step.
+- LoRA (lora-layers > 0): a step re-encodes sampled items through peft's LoRA layers; vmap over those is
+  impractical, so each user is one micro-batch with its share of ``live-items`` (one forward/backward per user),
+  the previous implementation, kept as a correct fallback.
+
+What is trained under DP: every trainable parameter that can influence what leaves the platform (the shared text
+adaptor and sequence encoder, LoRA) and the private ones they are trained against (theta, the rating output); all
+are clipped and noised together. The item-ID table is frozen (never trained) under DP: a table trained without
+noise would carry the users' data into the shared gradients. See README, "What user-level DP guarantees".
 """
 
 from __future__ import annotations
 
 import secrets
+from typing import Callable
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.config import PollenConfig
+
+USER_CHUNK = 64  # users per vmap chunk: bounds the memory of per-user gradients on large catalogues
 
 
 class UserLevelDP:
@@ -30,19 +42,22 @@ class UserLevelDP:
         from opacus.accountants.utils import get_noise_multiplier
 
         privacy = config.privacy
+        self.owners = owners
         order = np.argsort(owners, kind="stable")
         starts = np.flatnonzero(np.r_[True, np.diff(owners[order]) != 0])
         self.users = np.split(order, starts[1:])  # window indices of each user
         self.num_users = len(self.users)
         if self.num_users == 0:
             raise ValueError("dp: the platform has no training windows")
-        self.sample_rate = min(1.0, config.train.batch_size / self.num_users)
+        users_per_step = privacy.dp_users_per_step or config.train.batch_size
+        self.sample_rate = min(1.0, users_per_step / self.num_users)
         self.steps_per_epoch = max(1, round(1 / self.sample_rate))  # about one pass over the users
         if config.train.max_steps:
             self.steps_per_epoch = min(self.steps_per_epoch, config.train.max_steps)
-        # each user re-encodes its share of live-items: a step costs the encoder what a non-private step does
+        # LoRA fallback: each user re-encodes its share of live-items, so a step costs the encoder what a
+        # non-private step does
         live = config.train.live_items
-        self.live_items_per_user = max(1, round(live / config.train.batch_size)) if live > 0 else 0
+        self.live_items_per_user = max(1, round(live / users_per_step)) if live > 0 else 0
         self.planned_steps = config.federation.num_rounds * config.train.local_epochs * self.steps_per_epoch
         self.delta = privacy.dp_delta or 1.0 / self.num_users
         self.clip = privacy.dp_clip
@@ -52,12 +67,56 @@ class UserLevelDP:
                                               sample_rate=self.sample_rate, steps=self.planned_steps,
                                               accountant="rdp")
         self.accountant = RDPAccountant()
-        # the noise must not be predictable from the run's public seed
+        # neither the noise nor the sample of users may be predictable from the run's public seed
         self.noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
+        self.sampler = np.random.default_rng(secrets.randbits(128))
 
-    def sample(self, rng: np.random.Generator) -> list[np.ndarray]:
-        """The window indices of each user drawn for this step (each user independently with probability q)."""
-        return [self.users[u] for u in np.flatnonzero(rng.random(self.num_users) < self.sample_rate)]
+    # -- sampling ----------------------------------------------------------------------------------
+    def sample(self) -> list[np.ndarray]:
+        """The window indices of each user drawn for one step (each user independently with probability q)."""
+        return [self.users[u] for u in np.flatnonzero(self.sampler.random(self.num_users) < self.sample_rate)]
+
+    def plan(self) -> list[np.ndarray]:
+        """One epoch: ``steps_per_epoch`` steps, each the windows of the users sampled for it, user by user."""
+        return [np.concatenate(users) if users else np.zeros(0, dtype=np.int64)
+                for users in (self.sample() for _ in range(self.steps_per_epoch))]
+
+    # -- one private step --------------------------------------------------------------------------
+    def backward(self, model, params: list[torch.Tensor], idx: np.ndarray, batch: tuple | None,
+                 live_items: Callable | None = None, negatives: torch.Tensor | None = None) -> float:
+        """Set ``p.grad`` of ``params`` to the noisy mean of the clipped per-user gradients of the step's users
+        (``idx``: their windows, user by user; ``batch``: (inputs, targets, ratings) of those windows or None
+        when no user was sampled); one accountant step. Returns the mean per-user loss (NaN without users)."""
+        total, losses = [torch.zeros_like(p) for p in params], []
+        if batch is not None and len(idx):
+            users = segments(self.owners[idx])
+            if live_items is None:
+                losses = self._vectorised(model, params, users, batch, total, negatives)
+            else:
+                losses = self._per_user(model, params, users, batch, total, live_items, negatives)
+        self.set_noisy_grads(params, total)
+        return float(np.mean(losses)) if len(losses) else float("nan")
+
+    def _vectorised(self, model, params, users, batch, total, negatives) -> list[float]:
+        """Per-user gradients in one vmap-ed pass, clipped and summed into ``total``."""
+        grads, losses = user_gradients(model, params, users, batch, negatives)
+        norms = torch.sqrt(sum(g.reshape(len(g), -1).pow(2).sum(1) for g in grads))
+        scale = (self.clip / (norms + 1e-12)).clamp(max=1.0)
+        for t, g in zip(total, grads):
+            t.add_(torch.tensordot(scale, g, dims=1))
+        return losses.tolist()
+
+    def _per_user(self, model, params, users, batch, total, live_items, negatives) -> list[float]:
+        """LoRA fallback: one forward/backward per user (a micro-batch of its windows), clipped and summed."""
+        inputs, targets, ratings = batch
+        losses = []
+        for rows in users:
+            x, y = inputs[rows], targets[rows]
+            r = ratings[rows] if ratings is not None else None
+            loss = model(x, y, model.text_table(live_items(x, y, self.live_items_per_user)), r, negatives)
+            self.add_clipped(total, torch.autograd.grad(loss, params, allow_unused=True))
+            losses.append(loss.item())
+        return losses
 
     def add_clipped(self, total: list[torch.Tensor], grads: tuple[torch.Tensor | None, ...]) -> float:
         """total += grads scaled to norm <= clip; returns the user's unclipped gradient norm."""
@@ -76,6 +135,7 @@ class UserLevelDP:
             p.grad = (t + noise.to(t.device)) / expected
         self.accountant.step(noise_multiplier=self.noise, sample_rate=self.sample_rate)
 
+    # -- accounting --------------------------------------------------------------------------------
     def epsilon(self) -> float:
         return float(self.accountant.get_epsilon(self.delta)) if self.accountant.history else 0.0
 
@@ -90,3 +150,69 @@ class UserLevelDP:
 
     def load_state_dict(self, state: dict) -> None:
         self.accountant.history = list(state["history"])
+
+
+def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], batch: tuple,
+                   negatives: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each user's gradient of its loss (``Recommender.forward`` over its windows) with respect to ``params``,
+    stacked [U, *p.shape], and the users' losses [U]: ``torch.func.grad`` vmap-ed over users (``USER_CHUNK``
+    at a time), dropout drawn independently per user. ``users``: each user's rows of ``batch``."""
+    from torch.func import functional_call, grad_and_value, vmap
+
+    inputs, targets, ratings = (per_user(t, users) if t is not None else None for t in batch)
+    loss = HeadLoss(model)
+    names = parameter_names(loss, params)
+    table = model.text_table()
+    table = table.detach() if table is not None else None
+
+    def user_loss(weights, x, y, r):
+        return functional_call(loss, weights, (x, y, table, r, negatives))
+
+    step = vmap(grad_and_value(user_loss), in_dims=(None, 0, 0, 0 if ratings is not None else None),
+                randomness="different", chunk_size=USER_CHUNK)
+    # the fused CPU attention kernels have no vmap batching rule (vmap would loop over users); the math
+    # kernel is made of batched matmuls and softmax
+    with sdpa_kernel(SDPBackend.MATH):
+        grads, losses = step(dict(zip(names, params)), inputs, targets, ratings)
+    return [grads[name] for name in names], losses.detach()
+
+
+class HeadLoss(torch.nn.Module):
+    """``Recommender.forward`` seen through the head alone. The recommender holds the shared adaptor and sequence
+    encoder twice (encoder.shared, head.shared); torch.func.functional_call under grad does not restore such tied
+    parameters as the module's own (torch 2.13: they come back as plain tensors), so it is given the head only."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.head = model.head
+        self._model = [model]  # not registered: its parameters are the head's, plus frozen ones
+
+    def forward(self, *args):
+        return self._model[0](*args)
+
+
+def segments(owners: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each user in a batch whose rows are grouped user by user."""
+    starts = np.flatnonzero(np.r_[True, np.diff(owners) != 0])
+    return np.split(np.arange(len(owners)), starts[1:])
+
+
+def per_user(rows: torch.Tensor, users: list[np.ndarray]) -> torch.Tensor:
+    """[U, W, L] from batch rows [B, L]: each user's windows, padded with empty windows to the most any has
+    (an empty window has no target, so it adds nothing to that user's loss)."""
+    width = max(len(u) for u in users)
+    index = np.full((len(users), width), len(rows), dtype=np.int64)  # len(rows) = the empty row
+    for i, u in enumerate(users):
+        index[i, :len(u)] = u
+    empty = torch.full((1, rows.shape[1]), float("nan") if rows.is_floating_point() else 0,
+                       dtype=rows.dtype, device=rows.device)
+    return torch.cat([rows, empty])[torch.as_tensor(index, device=rows.device)]
+
+
+def parameter_names(model: torch.nn.Module, params: list[torch.Tensor]) -> list[str]:
+    """The model's name of each parameter (the first, for tensors the model holds under two names)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise ValueError(f"dp: {len(missing)} trained parameter(s) are not the model's")
+    return [names[id(p)] for p in params]

@@ -101,14 +101,6 @@ class Trainer:
         self.pairs = [training_pairs(p.split, self.max_len) for p in platforms]
         self.ratings = [rating_targets(p.split, self.max_len) if p.model.head.rating is not None else None
                         for p in platforms]
-        heads = {id(q): q for p in platforms for q in p.model.head.parameters()}  # platforms may share a SharedHead
-        groups = [{"params": list(heads.values()), "lr": self.config.lr}]
-        if self.encoder is not None and self.encoder.lora_parameters():
-            groups.append({"params": self.encoder.lora_parameters(), "lr": self.config.lora_lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
-        self.rng = np.random.default_rng(self.config.seed)
-        self.generator = torch.Generator().manual_seed(self.config.seed)
-        self.device = next(platforms[0].model.head.parameters()).device
         self.dp = None  # user-level DP-SGD (common/privacy.py) when the privacy config asks for it
         if config.privacy.dp:
             if len(platforms) != 1:
@@ -116,32 +108,56 @@ class Trainer:
             from common.privacy import UserLevelDP
 
             self.dp = UserLevelDP(window_owners(platforms[0].split, self.max_len), config)
+            item_emb = platforms[0].model.head.item_emb
+            if item_emb is not None:  # never trained under DP: it would carry users' data into shared gradients
+                item_emb.weight.requires_grad_(False)
+        heads = {id(q): q for p in platforms for q in p.model.head.parameters()  # platforms may share a SharedHead
+                 if q.requires_grad}
+        groups = [{"params": list(heads.values()), "lr": self.config.lr}]
+        if self.encoder is not None and self.encoder.lora_parameters():
+            groups.append({"params": self.encoder.lora_parameters(), "lr": self.config.lora_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+        self.params = [q for group in groups for q in group["params"]]
+        self.rng = np.random.default_rng(self.config.seed)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.device = next(platforms[0].model.head.parameters()).device
 
     @property
     def num_sequences(self) -> int:
         return sum(len(inputs) for inputs, _ in self.pairs)
 
     def epoch(self) -> dict[str, float]:
-        """One pass over every platform's training sequences; returns the mean loss per platform."""
-        if self.dp is not None:
-            return self._private_epoch()
+        """One pass over every platform's training sequences; returns the mean loss per platform.
+
+        Under user-level DP the same loop runs the DP plug-in's plan (Poisson-sampled users, all of each one's
+        windows) and the plug-in sets the gradients (clipped per user, noised) in place of ``backward``."""
         for p in self.platforms:
             p.model.train()
         losses: dict[int, list[float]] = {i: [] for i in range(len(self.platforms))}
         for i, idx in self.batch_plan():
             model = self.platforms[i].model
-            inputs, targets, ratings = self.batch(i, idx)
-            loss = model.loss(inputs, targets, self._live_items(inputs, targets), self.config.loss,
-                              self.config.negatives, self.generator, ratings=ratings)
+            batch = self.batch(i, idx) if len(idx) else None
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.dp is None:
+                inputs, targets, ratings = batch
+                loss = model.loss(inputs, targets, self._live_items(inputs, targets), self.config.loss,
+                                  self.config.negatives, self.generator, ratings=ratings)
+                loss.backward()
+                loss = loss.item()
+            else:
+                lora = self.encoder is not None and bool(self.encoder.lora_parameters())
+                loss = self.dp.backward(model, self.params, idx, batch, self._live_items if lora else None,
+                                        self._negatives(model))
             self.optimizer.step()
-            losses[i].append(loss.item())
+            if not np.isnan(loss):
+                losses[i].append(loss)
         for p in self.platforms:
             p.model.eval()
         return {self.platforms[i].split.name: float(np.mean(v)) if v else float("nan") for i, v in losses.items()}
 
     def batch_plan(self) -> list[tuple[int, np.ndarray]]:
+        if self.dp is not None:
+            return [(0, idx) for idx in self.dp.plan()]
         return batch_plan([inputs for inputs, _ in self.pairs], self.config.batch_size, self.rng,
                           self.config.max_steps)
 
@@ -154,28 +170,12 @@ class Trainer:
         targets, inputs, *ratings = (r.to(self.device) for r in trim(*rows))
         return inputs, targets, ratings[0] if ratings else None
 
-    def _private_epoch(self) -> dict[str, float]:
-        """User-level DP-SGD: about one pass over the users (1/q steps of Poisson-sampled users), one clipped
-        gradient per user from a micro-batch of all that user's windows, Gaussian noise, one AdamW step."""
-        platform, (all_inputs, all_targets) = self.platforms[0], self.pairs[0]
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        platform.model.train()
-        losses = []
-        for _ in range(self.dp.steps_per_epoch):
-            total = [torch.zeros_like(p) for p in params]
-            for windows in self.dp.sample(self.rng):
-                index = torch.as_tensor(windows)
-                inputs, targets = all_inputs[index].to(self.device), all_targets[index].to(self.device)
-                live = self._live_items(inputs, targets, self.dp.live_items_per_user)
-                loss = platform.model.loss(inputs, targets, live, self.config.loss, self.config.negatives,
-                                           self.generator)
-                self.dp.add_clipped(total, torch.autograd.grad(loss, params, allow_unused=True))
-                losses.append(loss.item())
-            self.optimizer.zero_grad(set_to_none=True)
-            self.dp.set_noisy_grads(params, total)
-            self.optimizer.step()
-        platform.model.eval()
-        return {platform.split.name: float(np.mean(losses)) if losses else float("nan")}
+    def _negatives(self, model: Recommender) -> torch.Tensor | None:
+        """The step's sampled-softmax candidates (loss = "sampled"), or None for the whole catalogue."""
+        if self.config.loss != "sampled":
+            return None
+        return torch.randint(1, model.num_items + 1, (self.config.negatives,),
+                             generator=self.generator).to(self.device)
 
     def _live_items(self, inputs: torch.Tensor, targets: torch.Tensor, count: int | None = None
                     ) -> torch.Tensor | None:

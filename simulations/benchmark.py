@@ -40,9 +40,9 @@ from common.train import Platform, fit
 METHODS = ("popularity", "zero-shot", "federated", "sasrec-id", "local-only", "centralised")
 OPTIONAL = ("local-only-lora",)  # the LoRA-vs-frozen comparison: not run by default (name it in --methods)
 # Pollen's federation with privacy / aggregation settings changed (not run by default; name them in --methods)
+DP_RECIPE = {"item-ids": False}  # under DP only the shared adaptor, sequence encoder and theta are trained (noised)
 FEDERATED_VARIANTS = {"federated-ffa": {"aggregation": "ffa"},
-                      "federated-dp-eps1": {"dp-epsilon": 1.0}, "federated-dp-eps4": {"dp-epsilon": 4.0},
-                      "federated-dp-eps8": {"dp-epsilon": 8.0}}
+                      **{f"federated-dp-eps{e}": {"dp-epsilon": float(e), **DP_RECIPE} for e in (1, 4, 8)}}
 BUDGET_EPOCHS = 100  # the benchmark's cap on epochs (rounds); early stopping on validation ends every run sooner
 SEED_FREE = ("popularity", "zero-shot")  # nothing random: evaluated once, whatever the number of seeds
 SHOWN = ("ndcg@10", "ndcg@20", "hr@10", "hr@20", "mrr", "precision@10", "recall@10", "f1@10")

@@ -127,3 +127,106 @@ def test_ffa_trains_only_b_and_averaging_b_is_exact(split, tiny_bert):
 def test_bad_privacy_settings_are_named(table, message):
     with pytest.raises(ValueError, match="config: " + message.replace("(", r"\(").replace(")", r"\)")):
         PollenConfig.from_flat(table)
+
+
+# -- the vectorised path (frozen encoder, the default model) and the guarantee's testable claims -----------------
+def build_frozen(split, tiny_bert, **flat):
+    return build(split, tiny_bert, **{"lora-layers": 0, **flat})
+
+
+def sampled_step(trainer, users=6):
+    """The windows and batch of the first ``users`` users, as a DP step gives them to the plug-in."""
+    idx = np.concatenate(trainer.dp.users[:users])
+    return idx, trainer.batch(0, idx)
+
+
+def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_bert):
+    """vmap(grad) of the masked per-user loss == autograd of Recommender.loss on each user's windows alone."""
+    from common.privacy import segments, user_gradients
+
+    trainer, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 1.0, "dropout": 0.0, "rating-weight": 0.0})
+    model = trainer.platforms[0].model
+    model.train()
+    idx, batch = sampled_step(trainer)
+    users = segments(trainer.dp.owners[idx])
+    assert len(users) == 6
+    grads, losses = user_gradients(model, trainer.params, users, batch)
+    inputs, targets, _ = batch
+    for u, rows in enumerate(users):
+        loss = model.loss(inputs[rows], targets[rows], None)
+        expected = torch.autograd.grad(loss, trainer.params, allow_unused=True)
+        assert losses[u].item() == pytest.approx(loss.item(), rel=1e-5)
+        for g, e in zip(grads, expected):
+            assert torch.allclose(g[u], torch.zeros_like(g[u]) if e is None else e, atol=1e-6, rtol=1e-4)
+
+
+def test_vectorised_dp_epoch_accounts_like_opacus_and_leaves_the_id_table_untouched(split, tiny_bert):
+    from opacus.accountants import RDPAccountant
+
+    trainer, encoder, _ = build_frozen(split, tiny_bert, **{"dp-noise": 1.1, "dp-clip": 0.5})
+    dp = trainer.dp
+    head = trainer.platforms[0].model.head
+    start_ids, start_adapter = head.item_emb.weight.detach().clone(), encoder.adapter_state()
+    for _ in range(2):
+        assert np.isfinite(trainer.epoch()[split.name])
+    reference = RDPAccountant()
+    reference.history = [(1.1, dp.sample_rate, 2 * dp.steps_per_epoch)]
+    assert dp.epsilon() == pytest.approx(reference.get_epsilon(dp.delta))
+    assert torch.equal(head.item_emb.weight, start_ids)  # frozen under DP
+    # functional_call left the model's own parameters in place: the optimiser still steps the model
+    assert {id(p) for p in trainer.params} <= {id(p) for p in trainer.platforms[0].model.parameters()}
+    assert any(not torch.equal(v, encoder.adapter_state()[k]) for k, v in start_adapter.items())
+
+
+@pytest.mark.parametrize("lora", [0, 1])
+def test_every_trained_tensor_is_noised_and_the_rest_never_changes(split, tiny_bert, lora):
+    """What leaves (the adapter) is trained only through noised gradients: every model tensor that changes in a
+    DP epoch is one the plug-in clips and noises; the others (frozen encoder, item-ID table) stay at their
+    seeded, data-independent start."""
+    trainer, encoder, _ = build(split, tiny_bert, **{"lora-layers": lora, "dp-noise": 1.0})
+    model = trainer.platforms[0].model
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer.epoch()
+    noised = {id(p) for p in trainer.params}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k in named and id(named[k]) in noised for k in changed)
+    assert all(p.requires_grad == (id(p) in noised) for p in model.parameters())
+
+
+def test_each_user_moves_the_clipped_sum_by_at_most_the_clip_vectorised(split, tiny_bert):
+    from common.privacy import segments, user_gradients
+
+    trainer, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 1.0, "dp-clip": 0.05})
+    model = trainer.platforms[0].model
+    model.train()
+    idx, batch = sampled_step(trainer, users=8)
+    users = segments(trainer.dp.owners[idx])
+    grads, _ = user_gradients(model, trainer.params, users, batch)
+    norms = torch.sqrt(sum(g.reshape(len(g), -1).pow(2).sum(1) for g in grads))
+    assert norms.max() > 0.05  # the bound is active
+    model.eval()  # the same dropout (none) in both sums: the step with and without the last user
+    total, without = ([torch.zeros_like(p) for p in trainer.params] for _ in range(2))
+    trainer.dp._vectorised(model, trainer.params, users, batch, total, None)
+    trainer.dp._vectorised(model, trainer.params, users[:-1], batch, without, None)
+    change = torch.sqrt(sum((t - w).pow(2).sum() for t, w in zip(total, without)))
+    assert 0 < change <= 0.05 * (1 + 1e-5)
+
+
+def test_noise_has_the_accounted_scale_and_the_sample_is_secret(split, tiny_bert):
+    trainer, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 2.0, "dp-clip": 0.5})
+    dp = trainer.dp
+    big = [torch.zeros(20000)]
+    dp.set_noisy_grads([big[0].requires_grad_()], [torch.zeros(20000)])
+    expected = 2.0 * 0.5 / (dp.sample_rate * dp.num_users)
+    assert big[0].grad.std().item() == pytest.approx(expected, rel=0.05)
+    assert dp.accountant.history == [(2.0, dp.sample_rate, 1)]
+    twin, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 2.0, "dp-clip": 0.5})  # same public seed
+    assert any(not np.array_equal(a, b) for a, b in zip(dp.plan(), twin.dp.plan()))
+
+
+def test_users_per_step_sets_the_sampling_rate_and_steps(split, tiny_bert):
+    trainer, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 1.0, "dp-users-per-step": 20, "max-steps": 0})
+    dp = trainer.dp
+    assert dp.sample_rate == pytest.approx(20 / dp.num_users)
+    assert dp.steps_per_epoch == round(dp.num_users / 20) and len(dp.plan()) == dp.steps_per_epoch

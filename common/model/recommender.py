@@ -88,6 +88,32 @@ class Recommender(nn.Module):
         logits = torch.cat([positive, negative], dim=1)
         return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device)) + extra
 
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, table: torch.Tensor | None,
+                ratings: torch.Tensor | None = None, negatives: torch.Tensor | None = None) -> torch.Tensor:
+        """``loss`` written with masks instead of data-dependent indexing, so that ``torch.func.vmap`` can run it
+        once per user (user-level DP, common/privacy.py): the mean next-item cross-entropy over the non-padding
+        positions of [W, L] windows (0 if there are none), the catalogue's text vectors ``table`` given.
+        ``negatives``: the sampled-softmax candidates (None = the whole catalogue)."""
+        items = self.head.item_vectors(table)
+        states = self.head.user_states(inputs, items)
+        keep = (targets > 0).to(states.dtype)
+        count = keep.sum().clamp(min=1.0)
+        if negatives is None:
+            logits = self.head.similarity(states, items[1:])
+            nll = F.cross_entropy(logits.flatten(0, -2), (targets - 1).clamp(min=0).flatten(), reduction="none")
+        else:
+            positive = (self.head.similarity(states[..., None, :], items[targets][..., None, :])).squeeze(-1)
+            negative = self.head.similarity(states, items[negatives])
+            negative = negative.masked_fill(negatives == targets[..., None], float("-inf"))
+            nll = -torch.log_softmax(torch.cat([positive, negative], -1), -1)[..., 0].flatten()
+        loss = (nll * keep.flatten()).sum() / count
+        if self.head.rating is not None and ratings is not None:
+            rated = keep * ~torch.isnan(ratings)
+            predicted = self.head.predict_ratings(states, items[targets])
+            error = (predicted - torch.nan_to_num(ratings).to(predicted.dtype)).pow(2) * rated
+            loss = loss + self.rating_weight * error.sum() / rated.sum().clamp(min=1.0)
+        return loss
+
     def _rating_loss(self, states: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
                      ratings: torch.Tensor | None) -> torch.Tensor | float:
         if ratings is None:
