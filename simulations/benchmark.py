@@ -270,7 +270,8 @@ def run_seeds(config: PollenConfig, methods: tuple[str, ...], seeds: list[int], 
     runs: dict[int, dict] = {}
     for seed in seeds:
         log(f"== seed {seed} ==")
-        seeded = config.replace(**{"seed": seed, "run-dir": str(run_dir / f"seed-{seed}")})
+        folder = run_dir / f"seed-{seed}" if len(seeds) > 1 else run_dir  # one seed: the run folder itself
+        seeded = config.replace(**{"seed": seed, "run-dir": str(folder)})
         runs[seed] = run_benchmark(seeded, methods, cache_dir, log, splits, reuse=runs[seeds[0]]["methods"]
                                    if runs else None)
     return runs[seeds[0]] if len(seeds) == 1 else summarise(runs)
