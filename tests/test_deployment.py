@@ -75,8 +75,8 @@ def test_two_rounds_over_tls_with_node_auth(deployment, uninterrupted):
     with socket.create_connection((HOST, deployment.port)) as raw, context.wrap_socket(raw, server_hostname=HOST):
         pass
     assert "--enable-supernode-auth" in deployment.link.args
-    for node in deployment.nodes.values():
-        assert "--auth-supernode-private-key" in node.args and "--insecure" not in node.args
+    for node in deployment.nodes.values():  # flower-supernode itself, or the partner's client.launch around it
+        assert ("--auth-supernode-private-key" in node.args or "--key" in node.args) and "--insecure" not in node.args
 
 
 def test_unregistered_node_is_refused(deployment, tmp_path):
