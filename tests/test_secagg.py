@@ -18,6 +18,7 @@ from flwr.common import bytes_to_ndarray
 
 from client import app as pollen_client
 from client import secagg as client_secagg
+from common.model.encoder import TextEncoder
 from common.config import PollenConfig
 from server.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE
 from simulated import simulate
@@ -63,7 +64,6 @@ def secure_run(tiny_bert, tmp_path_factory):
 
 def test_aggregate_is_the_weighted_mean_within_quantisation_error(secure_run):
     config, record, _, plain, run_dir = secure_run
-    from safetensors.torch import load_file
 
     assert sorted(plain) == ["ecommerce", "social", "video"]
     assert sorted(record.training[1]) == sorted(plain)  # every platform's scalar metrics came through
@@ -72,7 +72,7 @@ def test_aggregate_is_the_weighted_mean_within_quantisation_error(secure_run):
     # each client quantises w * x to steps of 2C / Q; the sum is divided by the summed weight (w = n / max weight)
     step = 2 * CLIPPING_RANGE / QUANTIZATION_RANGE
     tolerance = len(plain) * step / (weights.sum() / config.privacy.secagg_max_weight)
-    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    saved = TextEncoder.read_adapter(run_dir / "adapter")  # LoRA (PEFT file) + shared.* (recommendation adapters)
     keys = [k for k in next(iter(plain.values())) if k != "num_examples"]
     errors, spread = [], []
     for key in keys:

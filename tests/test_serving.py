@@ -116,7 +116,9 @@ def test_encoder_is_lazy_and_reproduces_the_trained_text_vectors(text_model):
     assert served._encoder is None
     model, texts = platform.model, platform.split.item_texts[:5]
     expected = model.head.theta() * model.head.text_proj(model.text_table()[1:6])
-    assert torch.allclose(served.text_item_vectors(texts), expected, atol=1e-4)  # same adapter, same head
+    # same adapter, same head; the LoRA model caches bottom-layer token states in float16, and texts encoded in
+    # other batches (other padding) can round differently there: agreement to float16 precision
+    assert torch.allclose(served.text_item_vectors(texts), expected, atol=2e-3)
 
 
 def test_add_item_then_recommend_and_use_it_in_a_history(text_model):

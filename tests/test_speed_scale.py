@@ -112,7 +112,6 @@ def test_flop_formula_matches_torch_flop_counter(tiny_bert):
 @pytest.mark.integration
 def test_simulation_with_two_silos_per_platform_and_float16_adapters(tiny_bert, tmp_path):
     """A real Flower simulation: 6 clients (2 silos x 3 platforms), float16 on the wire, averaged in float32."""
-    from safetensors.torch import load_file
 
     from client.app import app as client_app
     from simulated import simulate
@@ -132,7 +131,7 @@ def test_simulation_with_two_silos_per_platform_and_float16_adapters(tiny_bert, 
     assert all(r.content["metrics"]["upload-bytes"] == record_bytes(r.content["arrays"]) == record.adapter_bytes
                for r in train)  # what the server sends (float16 too) is what each client uploads
     weights = np.array([r.content["metrics"]["num-examples"] for r in train])
-    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    saved = TextEncoder.read_adapter(tmp_path / "adapter")  # LoRA (PEFT file) + shared.* (recommendation adapters)
     for key in train[0].content["arrays"]:
         stacked = np.stack([r.content["arrays"][key].numpy().astype(np.float32) for r in train])
         expected = np.tensordot(weights / weights.sum(), stacked, axes=1).astype(np.float16)
