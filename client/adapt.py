@@ -42,29 +42,28 @@ from common.preflight import check_settings
 from common.data.sources import load_split
 from common.data.split import SplitData
 from common.evaluate import evaluate
-from common.model.encoder import SHARED, SHARED_FILE, TextEncoder, cached_item_states
+from common.model.encoder import ADAPTER_FILE, SHARED_FILE, TextEncoder, cached_item_states
 from common.model.recommender import Recommender
 from common.runtime import configure_threads, default_cache_dir
 from common.train import FitResult, Log, Platform, fit
 
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of an adapter folder (what the server writes to RUN/adapter after every round: peft's LoRA
     file and/or the recommendation adapters), checked for finite values; ``adapt`` checks their keys and shapes
     against the model. Errors name the file."""
+    def checked(file: Path) -> dict[str, torch.Tensor]:
+        tensors = load_tensors(file, "adapter")
+        check_tensors(tensors, file, what="adapter")
+        return tensors
+
     path = Path(folder)
-    files = [path] if path.is_file() else [path / name for name in (ADAPTER_FILE, SHARED_FILE)]
-    if not any(f.is_file() for f in files):
+    state = checked(path) if path.is_file() else TextEncoder.read_adapter(path, checked) if path.is_dir() else {}
+    if not state:
         raise FileProblem(folder, f"expected an adapter folder holding {ADAPTER_FILE} and/or {SHARED_FILE} (the "
                                   "federation writes one to RUN/adapter)")
-    tensors = {}
-    for file in (f for f in files if f.is_file()):
-        part = load_tensors(file, "adapter")
-        check_tensors(part, file, what="adapter")
-        tensors.update({(SHARED if file.name == SHARED_FILE else "") + k: v for k, v in part.items()})
-    return tensors
+    return state
 
 
 def user_order(num_users: int, seed: int) -> np.ndarray:

@@ -87,7 +87,8 @@ class ItemStates:
 
 
 SHARED = "shared."  # key prefix of the recommendation adapters in an adapter state (the rest is peft's LoRA)
-SHARED_FILE = "recommendation_adapter.safetensors"  # next to peft's files in a saved adapter folder
+SHARED_FILE = "recommendation_adapter.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"  # peft's LoRA file  # next to peft's files in a saved adapter folder
 
 
 class TextEncoder(nn.Module):
@@ -167,14 +168,16 @@ class TextEncoder(nn.Module):
         save_file({k: v.contiguous() for k, v in self.shared.state_dict().items()}, str(Path(folder) / SHARED_FILE))
 
     @staticmethod
-    def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
-        """An adapter state from a folder written by ``save_adapter`` (either file may be absent)."""
-        from safetensors.torch import load_file
+    def read_adapter(folder: str | Path, load=None) -> dict[str, torch.Tensor]:
+        """An adapter state from a folder written by ``save_adapter`` (either file may be absent); ``load(path)``
+        reads one file (default: safetensors' ``load_file``; client.adapt passes one that checks values)."""
+        if load is None:
+            from safetensors.torch import load_file as load
 
         state = {}
-        for name, prefix in (("adapter_model.safetensors", ""), (SHARED_FILE, SHARED)):
+        for name, prefix in ((ADAPTER_FILE, ""), (SHARED_FILE, SHARED)):
             if (Path(folder) / name).is_file():
-                state.update({prefix + k: v for k, v in load_file(str(Path(folder) / name)).items()})
+                state.update({prefix + k: v for k, v in load(Path(folder) / name).items()})
         return state
 
     # -- encoding ----------------------------------------------------------------------------------
