@@ -57,6 +57,14 @@ def id_model(split, tmp_path_factory):
     return platform, export_model(tmp_path_factory.mktemp("export") / "id-model", platform, config)
 
 
+@pytest.fixture(scope="module")
+def cosine_model(split, tmp_path_factory):
+    """Cosine / temperature logits: the served ranking must normalise the item vectors too."""
+    config = PollenConfig().replace(text=False, temperature=0.1)
+    platform = _trained(split, config)
+    return platform, export_model(tmp_path_factory.mktemp("export") / "cosine-model", platform, config)
+
+
 @pytest.fixture()
 def client(text_model):
     """A fresh ServedModel per test: add_item in one test must not leak into another."""
@@ -82,7 +90,7 @@ def test_folder_layout(text_model, id_model):
     assert not list(folder.parent.glob(".*tmp*"))  # the atomic build left nothing behind
 
 
-@pytest.mark.parametrize("which", ["text_model", "id_model"])
+@pytest.mark.parametrize("which", ["text_model", "id_model", "cosine_model"])
 def test_served_scores_equal_in_process_scores(which, request):
     platform, folder = request.getfixturevalue(which)
     served = load_model(folder)
