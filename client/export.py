@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
+from common.checks import check_tensors, load_tensors, shapes
 from common.config import PollenConfig
 from common.files import replace_dir, write_atomic, write_json
 from common.model.head import RecommendationHead
@@ -126,8 +127,8 @@ def _items_csv(item_ids: list[str], texts: list[str]) -> str:
 def load_model(folder: str | Path) -> ServedModel:
     """Rebuild a folder written by ``export_model``; the base model is loaded only when a new text arrives.
 
-    Every file is checked before use (JSON and CSV parse, tensor keys, shapes, dtypes, finite values); a bad one
-    raises a ValueError (FileNotFoundError when missing) that names the file and what is wrong. Tensors are read
+    Every file is checked before use (JSON and CSV parse, tensor keys, shapes, finite values: common/checks.py);
+    a bad or missing one raises a ValueError that names the file and what is wrong. Tensors are read
     with safetensors only: nothing in an exported model can run code when loaded (no pickle, no torch.load).
     """
     folder = Path(folder)
@@ -139,7 +140,7 @@ def load_model(folder: str | Path) -> ServedModel:
     except (ValueError, TypeError) as error:
         raise ValueError(f"{folder / 'config.json'}: bad 'config': {error}") from None
     head = RecommendationHead(meta["num-items"], meta["text-dim"], config.model, config.data)
-    head.load_state_dict(_read_tensors(folder / "head.safetensors", _shapes(head.state_dict())))
+    head.load_state_dict(_read_tensors(folder / "head.safetensors", shapes(head.state_dict())))
     head.eval()
     rows, width = meta["num-items"] + 1, config.model.hidden_size
     items = _read_tensors(folder / "item_vectors.safetensors", {"items": (rows, width)})["items"]
@@ -168,38 +169,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state.items()}
-
-
 def _read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """A safetensors file holding exactly ``expected`` (key -> shape) as finite floating-point tensors."""
-    from safetensors import SafetensorError
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the exported model")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
-    return check_tensors(path, tensors, expected)
-
-
-def check_tensors(path: Path | str, tensors: dict[str, torch.Tensor],
-                  expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """``tensors`` unchanged if its keys, shapes, dtypes and values are what a model needs, else a ValueError."""
-    if set(tensors) != set(expected):
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise ValueError(f"{path}: tensor keys differ from the model's: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    for key in sorted(tensors):
-        value = tensors[key]
-        if tuple(value.shape) != tuple(expected[key]):
-            raise ValueError(f"{path}: tensor {key!r} has shape {list(value.shape)}, expected {list(expected[key])}")
-        if not value.is_floating_point():
-            raise ValueError(f"{path}: tensor {key!r} is {value.dtype}, expected floating point")
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{path}: tensor {key!r} contains NaN or Inf")
+    """A safetensors file of the exported model holding exactly ``expected`` (key -> shape), all finite."""
+    tensors = load_tensors(path, "file of the exported model")
+    check_tensors(tensors, path, expected, "file of the exported model")
     return tensors
 
 
@@ -354,7 +327,8 @@ class ServedModel:
         self._refuse_known(items)  # before the (slow) encoding
         if vectors is None:
             vectors = self.text_item_vectors([text for _, text in items])
-        check_tensors("new item vectors", {"items": vectors}, {"items": (len(items), self._items.shape[1])})
+        check_tensors({"items": vectors}, "new item vectors", {"items": (len(items), self._items.shape[1])},
+                      "item vectors")
         with self._lock:
             self._refuse_known(items)  # again: another thread may have added one while this one encoded
             if commit is not None:
@@ -401,7 +375,7 @@ class ServedModel:
             try:
                 lora = {k: v for k, v in encoder.adapter_state().items() if not k.startswith(SHARED)}
                 # the shared adaptor and sequence encoder are in head.safetensors; the encoder needs its LoRA
-                encoder.load_adapter_state({**encoder.adapter_state(), **_read_tensors(adapter, _shapes(lora))})
+                encoder.load_adapter_state({**encoder.adapter_state(), **_read_tensors(adapter, shapes(lora))})
             except ValueError as error:
                 raise ValueError(f"{adapter}: {error}" if str(adapter) not in str(error) else str(error)) from None
         return encoder
