@@ -50,8 +50,7 @@ def work(phase: str, table: dict, arrays: ArrayRecord, node_config: dict
     started = time.perf_counter()
     from client.session import ClientSession  # torch, transformers, peft: once per process
     from client.state import NodeState
-    from common.adapters import from_record, record_bytes, to_record
-    from common.aggregation import merge_state, wire_state
+    from common.adapters import from_record, merge_state, record_bytes, to_record, wire_state
 
     imported = time.perf_counter() - started
     table = dict(table)
@@ -63,7 +62,7 @@ def work(phase: str, table: dict, arrays: ArrayRecord, node_config: dict
     state = NodeState.open(node.state_dir, federation_id, session.name, config)
     training = phase == "train"
     session.restore(state.load(up_to=server_round - 1 if training else server_round))
-    session.set_adapter(merge_state(session.encoder, from_record(arrays)))
+    session.set_adapter(merge_state(session.encoder.adapter_state(), from_record(arrays)))
     metrics = {"start-import-seconds": imported, **session.start_costs()}
     if training:
         metrics.update(session.train())

@@ -35,7 +35,7 @@ def legacy_fit(msg: Message, context: Context, fit: Fit) -> Message:
     from flwr.compat.common import recorddict_compat as compat
 
     from client.session import ClientSession
-    from common.aggregation import wire_state
+    from common.adapters import wire_state
 
     ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     table = {k: v for k, v in ins.config.items() if k not in (SERVER_ROUND, FEDERATION_ID)}

@@ -26,7 +26,7 @@ import torch
 from client.export import export_model
 from client.node import NodeSettings
 from client.state import training_settings
-from common.aggregation import freeze_untravelled
+from common.adapters import freeze_untravelled
 from common.checks import NonFiniteMetric, load_torch
 from common.config import PollenConfig
 from common.data.sources import load_split

@@ -1,7 +1,14 @@
-"""The LoRA adapter on the wire: torch tensors <-> Flower ArrayRecord, and the checks every received one passes.
+"""The adapters on the wire, in one place: which tensors travel, torch tensors <-> Flower ArrayRecord, and the
+checks every received record passes.
 
-Only this leaves a client. A reply whose tensors do not match the expected adapter (keys, shapes, dtype,
-finite values) is refused with a reason, never averaged.
+Only this leaves a client: the LoRA tensors and the shared recommendation adapters (``TextEncoder.adapter_state``).
+A reply whose tensors do not match the expected adapter (keys, shapes, dtype, finite values) is refused with a
+reason, never averaged.
+
+LoRA computes ``W + B·A``. Averaging A and B separately gives ``mean(B)·mean(A)``, which is not the average of
+the clients' products ``mean(B·A)``. With ``aggregation = "ffa"`` (FFA-LoRA, Sun et al. 2024) every party keeps
+A frozen at the shared seeded start and trains only B, so the plain weighted mean of B is exactly the weighted
+mean of the products; only B travels (half the LoRA bytes).
 """
 
 from __future__ import annotations
@@ -52,3 +59,25 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
 def cast_record(record: ArrayRecord, dtype: str) -> ArrayRecord:
     """A copy in ``dtype``: the server widens replies to float32 to average them, and narrows the result to send."""
     return ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=dtype)) for k, v in record.items()})
+
+
+def travels(key: str, aggregation: str) -> bool:
+    """Whether this adapter tensor is trained and sent under ``aggregation``."""
+    return aggregation != "ffa" or "lora_A" not in key
+
+
+def wire_state(state: dict[str, torch.Tensor], aggregation: str) -> dict[str, torch.Tensor]:
+    """The part of an adapter state that is sent and averaged."""
+    return {k: v for k, v in state.items() if travels(k, aggregation)}
+
+
+def merge_state(own: dict[str, torch.Tensor], received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full adapter state: the received tensors over one's own (the frozen A under FFA)."""
+    return {**own, **received}
+
+
+def freeze_untravelled(encoder, aggregation: str) -> None:
+    """Under FFA, A never trains: freeze it (a ``TextEncoder``'s) before the optimiser is built."""
+    for name, param in encoder.bert.named_parameters():
+        if param.requires_grad and not travels(name, aggregation):
+            param.requires_grad_(False)

@@ -9,8 +9,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.adapters import from_record, problems, record_bytes, signature, to_record
-from common.aggregation import merge_state, wire_state
+from common.adapters import from_record, merge_state, problems, record_bytes, signature, to_record, wire_state
 from common.config import FEDERATION_ID, PollenConfig
 from common.preflight import resolve_min_clients
 from common.errors import ConfigError, FileProblem
@@ -69,7 +68,7 @@ def run_federation(grid: Grid, config: PollenConfig, log=print) -> RunRecord:
             f"run folder {run_dir}")
 
     def end_round(server_round: int, arrays: ArrayRecord) -> bool:
-        encoder.load_adapter_state(merge_state(encoder, from_record(arrays)))
+        encoder.load_adapter_state(merge_state(encoder.adapter_state(), from_record(arrays)))
         replace_dir(run_dir / "adapter", encoder.save_adapter)  # the latest global adapter, PEFT format
         save_checkpoint(run_dir, Checkpoint(server_round, arrays, federation_id, strategy.state_dict(),
                                             record.state(), config.to_flat(), loop.names))

@@ -3,7 +3,7 @@
 On top of Flower's FedAvg: every reply is checked against the adapter's keys, shapes and dtypes and for
 finite values, and its update (reply - global) against the norm bounds of the privacy config, before it is
 averaged (a bad one is logged with its node id and left out, the round goes on); ``aggregator`` may replace the
-weighted mean by a per-entry median or trimmed mean (common/aggregation.py). A round with fewer than min-clients
+weighted mean by a per-entry median or trimmed mean (server/aggregation.py). A round with fewer than min-clients
 acceptable replies is not aggregated. Replies are averaged in float32 and in platform order, so the aggregate
 does not depend on which reply arrived first (a resumed run reproduces an uninterrupted one bit for bit). The
 aggregate plus each platform's training metrics go to ``on_aggregate`` (the server saves them) after every
@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.adapters import cast_record, problems
-from common.aggregation import robust_mean, update_norm
+from server.aggregation import robust_mean, update_norm
 from common.config import PrivacyConfig
 
 

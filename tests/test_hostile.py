@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.app.metadata import Metadata
 
 from common.adapters import signature
-from common.aggregation import robust_mean
+from server.aggregation import robust_mean
 from common.config import PrivacyConfig
 from server.strategy import AdapterFedAvg
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.aggregation import freeze_untravelled, wire_state
+from common.adapters import freeze_untravelled, wire_state
 from common.config import PollenConfig
 from common.data.split import leave_one_out
 from common.data.synthetic import SyntheticConfig, generate
