@@ -144,12 +144,13 @@ def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_b
     """vmap(grad) of the masked per-user loss == autograd of Recommender.loss on each user's windows alone."""
     from common.privacy import segments, user_gradients
 
-    trainer, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 1.0, "dropout": 0.0, "rating-weight": 0.0})
+    trainer, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 1.0, "dropout": 0.0, "rating-weight": 0.0,
+                                                     "max-len": 8})  # several windows per user
     model = trainer.platforms[0].model
     model.train()
     idx, batch = sampled_step(trainer)
     users = segments(trainer.dp.owners[idx])
-    assert len(users) == 6
+    assert len(users) == 6 and len({len(u) for u in users}) > 1  # several groups of window counts
     grads, losses = user_gradients(model, trainer.params, users, batch)
     inputs, targets, _ = batch
     for u, rows in enumerate(users):
