@@ -8,10 +8,9 @@ private key (its public key must be registered by the operator), and hands the C
 the platform name, the absolute data path (omit it to use the embedded synthetic platform of that name) and a
 home folder (``--home``) where the node keeps what survives between messages and runs: the frozen-layer cache
 (``cache``), the private training state per federation and round (``state``) and the best model (``models``).
-Next to the SuperNode it runs the node's warm worker (client/worker.py) and a ClientApp fork server
-(client/forkserver.py): Flower starts a fresh ClientApp process per message; the fork server starts it with
-Flower already imported, and the worker keeps the model libraries and the built session in memory across
-messages, so a message no longer pays seconds of imports and building (``--no-worker``: Flower's plain way). Ctrl-C or
+Next to the SuperNode it runs the node's warm worker (client/worker.py): Flower starts a fresh ClientApp
+process per message, and the worker keeps the model libraries and the built session in memory across them, so
+a message no longer pays seconds of imports and building (``--no-worker``: Flower's plain way). Ctrl-C or
 SIGTERM stops both. ``--insecure`` (no TLS, no authentication) only works against an insecure SuperLink and
 says so loudly.
 """
@@ -124,40 +123,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_node(command: list[str], home: Path, ready_timeout: float = 600.0) -> int:
-    """The warm worker and the ClientApp fork server, then (once both listen) the SuperNode, with the fork
-    server's ``flwr-clientapp`` first on its PATH; all stop together. Returns the SuperNode's code."""
-    from client import forkserver, worker
+    """The warm worker, then (once it listens) the SuperNode; both stop together. Returns the SuperNode's code."""
+    from client.worker import SOCKET
 
-    home.mkdir(parents=True, exist_ok=True)
-    helpers = {"the warm worker": ("client.worker", home / worker.SOCKET),
-               "the ClientApp fork server": ("client.forkserver", home / forkserver.SOCKET)}
-    children = []
+    socket_path = home / SOCKET
+    socket_path.unlink(missing_ok=True)
+    print(f"starting the warm worker (python -m client.worker --home {home})", flush=True)
+    worker = subprocess.Popen([sys.executable, "-m", "client.worker", "--home", str(home)], env=flower_env(),
+                              cwd=PROJECT)
+    children = [worker]
 
     def stop(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        for what, (module, socket_path) in helpers.items():
-            socket_path.unlink(missing_ok=True)
-            print(f"starting {what} (python -m {module} --home {home})", flush=True)
-            children.append(subprocess.Popen([sys.executable, "-m", module, "--home", str(home)],
-                                             env=flower_env(), cwd=PROJECT))
         deadline = time.monotonic() + ready_timeout
-        for child, (what, (module, socket_path)) in zip(children, helpers.items()):
-            while not socket_path.exists():
-                if child.poll() is not None:
-                    print(f"error: {what} exited with code {child.returncode}; start with --no-worker to run "
-                          "without it", file=sys.stderr)
-                    return 1
-                if time.monotonic() > deadline:
-                    print(f"error: {what} is not ready after {ready_timeout:.0f}s", file=sys.stderr)
-                    return 1
-                time.sleep(0.2)
-        env = flower_env()
-        env["PATH"] = f"{forkserver.write_shim(home)}{os.pathsep}{env['PATH']}"
+        while not socket_path.exists():
+            if worker.poll() is not None:
+                print(f"error: the warm worker exited with code {worker.returncode}; start with --no-worker to run "
+                      "without it", file=sys.stderr)
+                return 1
+            if time.monotonic() > deadline:
+                print(f"error: the warm worker is not ready after {ready_timeout:.0f}s", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
         print("starting:", " ".join(command), flush=True)
-        supernode = subprocess.Popen(command, env=env)
+        supernode = subprocess.Popen(command, env=flower_env())
         children.append(supernode)
         return supernode.wait()
     except KeyboardInterrupt:

@@ -81,30 +81,3 @@ def test_worker_refuses_other_code_and_the_clientapp_works_itself(running_worker
 def test_the_socket_and_key_are_private(running_worker):
     for name in (node_worker.SOCKET, node_worker.KEY):
         assert (running_worker / name).stat().st_mode & 0o077 == 0, name
-
-
-def test_fork_server_runs_flowers_clientapp_and_the_shim_falls_back_without_it(tmp_path):
-    """The flwr-clientapp shim (client/forkserver.py) hands its arguments and stdio to the fork server, whose
-    child runs Flower's own flwr-clientapp main and passes back its exit code; with no server, the shim runs
-    Flower's flwr-clientapp itself, with the same result."""
-    from client import forkserver
-
-    home = tmp_path / "node"
-    home.mkdir()
-    shim = forkserver.write_shim(home) / "flwr-clientapp"
-
-    def run_shim(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(shim), *args], capture_output=True, text=True, timeout=120, env=flower_env())
-
-    alone = run_shim("--help"), run_shim("--no-such-flag")  # no server yet: Flower's own process
-    process = subprocess.Popen([sys.executable, "-m", "client.forkserver", "--home", str(home)], cwd=ROOT,
-                               env=flower_env(), start_new_session=True, stdout=subprocess.PIPE, text=True)
-    try:
-        assert "fork server ready" in process.stdout.readline()
-        forked = run_shim("--help"), run_shim("--no-such-flag")
-    finally:
-        stop_process(process)
-    for (help_, bad) in (alone, forked):
-        assert help_.returncode == 0 and "Run a Flower ClientApp" in help_.stdout
-        assert bad.returncode == 2 and "flwr-clientapp: error" in bad.stderr
-    assert (home / forkserver.SOCKET).stat().st_mode & 0o777 == 0o600
