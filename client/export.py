@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save
 
 from common.checks import check_tensors, load_tensors, shapes
+from common.errors import FileProblem
 from common.config import PollenConfig
 from common.files import replace_dir, write_atomic, write_json
 from common.model.head import RecommendationHead
@@ -170,9 +171,13 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def _read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """A safetensors file of the exported model holding exactly ``expected`` (key -> shape), all finite."""
+    """A safetensors file of the exported model holding exactly ``expected`` (key -> shape), floating point and
+    finite."""
     tensors = load_tensors(path, "file of the exported model")
     check_tensors(tensors, path, expected, "file of the exported model")
+    integers = [f"{key}: {value.dtype}" for key, value in sorted(tensors.items()) if not value.is_floating_point()]
+    if integers:  # load_state_dict would silently cast them
+        raise FileProblem(path, f"unusable file of the exported model: {integers[0]}, expected floating point")
     return tensors
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+
 def update_norm(reply: ArrayRecord, reference: ArrayRecord) -> float:
     """L2 norm of reply - reference over every tensor (the client's update this round)."""
     total = 0.0

@@ -442,7 +442,16 @@ def _extra_key(folder):
     save_file({**load_file(folder / "head.safetensors"), "surprise": torch.zeros(2)}, folder / "head.safetensors")
 
 
+def _int_head(folder):
+    from safetensors.torch import load_file, save_file
+
+    head = load_file(folder / "head.safetensors")
+    key = sorted(head)[0]
+    save_file({**head, key: head[key].to(torch.int64)}, folder / "head.safetensors")
+
+
 @pytest.mark.parametrize("damage, file, words", [
+    (_int_head, "head.safetensors", "expected floating point"),
     (_corrupt_head, "head.safetensors", "NaN or infinite"),
     (_resize_items, "item_vectors.safetensors", "items: shape"),
     (_extra_key, "head.safetensors", "unexpected (e.g. ['surprise'])"),

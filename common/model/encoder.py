@@ -87,8 +87,8 @@ class ItemStates:
 
 
 SHARED = "shared."  # key prefix of the recommendation adapters in an adapter state (the rest is peft's LoRA)
-SHARED_FILE = "recommendation_adapter.safetensors"
-ADAPTER_FILE = "adapter_model.safetensors"  # peft's LoRA file  # next to peft's files in a saved adapter folder
+SHARED_FILE = "recommendation_adapter.safetensors"  # next to peft's files in a saved adapter folder
+ADAPTER_FILE = "adapter_model.safetensors"  # peft's LoRA file
 
 
 class TextEncoder(nn.Module):
