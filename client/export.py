@@ -286,7 +286,7 @@ class ServedModel:
         for row, (seen, _) in enumerate(seen_rows):
             tail = seen[-width:]
             inputs[row, width - len(tail):] = tail
-        scores = self.head.similarity(self.head.user_states(torch.from_numpy(inputs), items)[:, -1], items)
+        scores = self.head.similarity(self.head.last_states(torch.from_numpy(inputs), items), items)
         scores[:, 0] = float("-inf")  # the padding item is never a candidate
         hidden = [(row, seen) for row, (seen, exclude_seen) in enumerate(seen_rows) if exclude_seen]
         if hidden:

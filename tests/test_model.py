@@ -122,3 +122,29 @@ def test_client_private_state_survives_a_new_process_session(tiny_bert, tmp_path
     assert second.trainer.optimizer.state_dict()["state"].keys() == first.trainer.optimizer.state_dict()["state"].keys()
     second.set_adapter(first.encoder.adapter_state())
     assert first.trainer.rng.integers(1 << 30) == second.trainer.rng.integers(1 << 30)
+
+
+@pytest.mark.parametrize("layers,heads", [(1, 1), (2, 2), (3, 4)])
+def test_last_state_equals_forward_at_the_last_position(layers, heads):
+    """Scoring's cheaper pass (last position only in the last layer, one mask for all heads) gives the state
+    ``forward`` gives after the last position, for histories of every length including one item."""
+    from common.model.head import SequenceEncoder
+
+    torch.manual_seed(0)
+    model = ModelConfig(hidden_size=32, head_layers=layers, head_heads=heads)
+    encoder = SequenceEncoder(model, max_len=12).eval()
+    items = torch.randn(40, 32)
+    items[0] = 0
+    sequences = torch.randint(1, 40, (6, 12))
+    for row, length in enumerate([12, 11, 7, 3, 1, 12]):
+        sequences[row, :12 - length] = 0
+    with torch.inference_mode():
+        full = encoder(sequences, items)[:, -1]
+        last = encoder.last_state(sequences, items)
+    assert last.shape == (6, 32)
+    torch.testing.assert_close(last, full, rtol=1e-5, atol=1e-5)
+    encoder.train()  # in training mode it is forward's own (dropout lives in forward's layers)
+    torch.manual_seed(1)
+    a = encoder.last_state(sequences, items)
+    torch.manual_seed(1)
+    torch.testing.assert_close(a, encoder(sequences, items)[:, -1])

@@ -94,6 +94,10 @@ class RecommendationHead(nn.Module):
     def user_states(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.shared.sequence(sequences, items)
 
+    def last_states(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """The user state after each whole sequence [B, d]: what ranking needs (eval mode)."""
+        return self.shared.sequence.last_state(sequences, items)
+
 
 class SharedHead(nn.Module):
     """The recommendation part a federation shares: text adaptor (None without text) + sequence encoder.
@@ -122,6 +126,38 @@ class SequenceEncoder(nn.Module):
 
     def forward(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Causal user state after every position of right-aligned sequences [B, L] (0 = padding)."""
+        x, pad, blocked = self._inputs(sequences, items)
+        x = self.blocks(x, mask=blocked.repeat_interleave(self.heads, 0))
+        x = x * (~pad)[..., None]
+        return self.output_norm(x)
+
+    def last_state(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``forward(sequences, items)[:, -1]`` for scoring (eval mode), at about half the cost.
+
+        Scoring needs only the state after the last position, so the last layer runs its attention query and its
+        feed-forward for that position alone; attention goes through ``scaled_dot_product_attention`` with one
+        [B, 1, L, L] mask for all heads (``forward`` hands PyTorch's layer a per-head copy). Equal to ``forward``
+        up to float rounding (tests/test_model.py); serving and evaluation rank with it.
+        """
+        if self.training:  # dropout belongs to forward's layers
+            return self.forward(sequences, items)[:, -1]
+        x, pad, blocked = self._inputs(sequences, items)
+        allowed = ~blocked[:, None]
+        layers = self.blocks.layers
+        for n, layer in enumerate(layers):  # norm_first TransformerEncoderLayer, spelled out
+            attention = layer.self_attn
+            q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in
+                       F.linear(layer.norm1(x), attention.in_proj_weight, attention.in_proj_bias).chunk(3, -1))
+            mask = allowed
+            if n == len(layers) - 1:
+                x, q, mask = x[:, -1:], q[:, :, -1:], allowed[:, :, -1:]
+            x = x + attention.out_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+                                       .flatten(2))
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+        return self.output_norm(x[:, -1] * (~pad[:, -1:]))
+
+    def _inputs(self, sequences: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embedded inputs [B, L, d], the padding [B, L] and the blocked attention pairs [B, L, L]."""
         length = sequences.shape[1]
         x = items[sequences] * math.sqrt(items.shape[1])
         x = x + self.position.weight[-length:][None]
@@ -130,9 +166,7 @@ class SequenceEncoder(nn.Module):
         # causal, no attention to padding, but every position may attend to itself (keeps softmax finite)
         blocked = torch.triu(torch.ones(length, length, dtype=torch.bool, device=x.device), diagonal=1)
         blocked = (blocked[None] | pad[:, None, :]) & ~torch.eye(length, dtype=torch.bool, device=x.device)[None]
-        x = self.blocks(x, mask=blocked.repeat_interleave(self.heads, 0))
-        x = x * (~pad)[..., None]
-        return self.output_norm(x)
+        return x, pad, blocked
 
 
 class TextAdaptor(nn.Module):

@@ -138,7 +138,7 @@ class Recommender(nn.Module):
     def predict_ratings(self, histories: list[np.ndarray], targets: np.ndarray) -> torch.Tensor:
         """The rating each user would give its target item after its history: [B] (needs rating-weight > 0)."""
         items = self.item_vectors()
-        states = self.head.user_states(pad_left(histories, self.max_len).to(items.device), items)[:, -1]
+        states = self.head.last_states(pad_left(histories, self.max_len).to(items.device), items)
         return self.head.predict_ratings(states, items[torch.as_tensor(targets, device=items.device)])
 
     def private_state(self) -> dict[str, torch.Tensor]:
@@ -151,7 +151,7 @@ def score_histories(head: RecommendationHead, items: torch.Tensor, histories: li
                     max_len: int) -> torch.Tensor:
     """User state after each history (its last max_len items) . every item vector: scores [B, items]."""
     inputs = pad_left(histories, max_len).to(items.device)
-    return head.similarity(head.user_states(inputs, items)[:, -1], items)
+    return head.similarity(head.last_states(inputs, items), items)
 
 
 def pad_left(sequences: list[np.ndarray], max_len: int, fill: float = 0, dtype: type = np.int64) -> torch.Tensor:
