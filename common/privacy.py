@@ -8,9 +8,12 @@ sample is not predictable from the run's public seed), computes one gradient per
 (sigma, q, steps) across rounds (its history travels in the trainer state) and reports epsilon at delta.
 
 Per-user gradients, two paths:
-- frozen encoder (lora-layers = 0, the default): vectorised, one pass per step. ``torch.func``: ``grad`` of the
-  model's masked per-user loss (``Recommender.forward``) ``vmap``-ed over the sampled users, grouped by their
-  number of windows (no padding). The catalogue's text vectors are a constant of the step.
+- frozen encoder (lora-layers = 0, the default): vectorised. ``torch.func``: ``grad`` of each user's loss
+  (``Recommender.items_loss``) ``vmap``-ed over the step's users, one pass per group of users with the same
+  number of windows. What is clipped and noised is each user's gradient of the item table (the catalogue's item vectors) and
+  of the parameters that act directly (sequence encoder, rating output); the text adaptor's and theta's
+  gradients are the noisy table gradient pulled back through the adaptor: post-processing, at no privacy cost,
+  and one adaptor pass per step instead of one per user.
 - LoRA (lora-layers > 0): a step re-encodes sampled items through peft's LoRA layers; vmap over those is
   impractical, so each user is one micro-batch with its share of ``live-items`` (one forward/backward per user),
   the previous implementation, kept as a correct fallback.
@@ -84,21 +87,33 @@ class UserLevelDP:
     # -- one private step --------------------------------------------------------------------------
     def backward(self, model, params: list[torch.Tensor], idx: np.ndarray, batch: tuple | None,
                  live_items: Callable | None = None, negatives: torch.Tensor | None = None) -> float:
-        """Set ``p.grad`` of ``params`` to the noisy mean of the clipped per-user gradients of the step's users
+        """Set ``p.grad`` of ``params`` from the noisy mean of the clipped per-user gradients of the step's users
         (``idx``: their windows, user by user; ``batch``: (inputs, targets, ratings) of those windows or None
         when no user was sampled); one accountant step. Returns the mean per-user loss (NaN without users)."""
-        total, losses = [torch.zeros_like(p) for p in params], []
-        if batch is not None and len(idx):
-            users = segments(self.owners[idx])
-            if live_items is None:
-                losses = self._vectorised(model, params, users, batch, total, negatives)
-            else:
+        losses: list[float] = []
+        users = segments(self.owners[idx]) if batch is not None and len(idx) else []
+        if live_items is not None:  # LoRA: per-user gradients of the parameters themselves
+            total = [torch.zeros_like(p) for p in params]
+            if users:
                 losses = self._per_user(model, params, users, batch, total, live_items, negatives)
-        self.set_noisy_grads(params, total)
+            self.set_noisy_grads(params, total)
+        else:
+            through, direct = split_parameters(model, params)
+            total = released_zeros(model, direct, through)
+            if users:
+                losses = self._vectorised(model, params, users, batch, total, negatives)
+            noisy = self.noisy(total)
+            for p, g in zip(direct, noisy):
+                p.grad = g
+            if through:  # post-processing of the noisy item-table gradient: no further privacy cost
+                items = model.head.item_vectors(model.text_table().detach())
+                for p, g in zip(through, torch.autograd.grad(items, through, noisy[-1])):
+                    p.grad = g
         return float(np.mean(losses)) if len(losses) else float("nan")
 
     def _vectorised(self, model, params, users, batch, total, negatives) -> list[float]:
-        """Per-user gradients in one vmap-ed pass, clipped and summed into ``total``."""
+        """Per-user gradients (``user_gradients``: the item table's and the other parameters'), clipped and summed
+        into ``total``, in ``released_zeros`` order."""
         grads, losses = user_gradients(model, params, users, batch, negatives)
         norms = torch.sqrt(sum(g.reshape(len(g), -1).pow(2).sum(1) for g in grads))
         scale = (self.clip / (norms + 1e-12)).clamp(max=1.0)
@@ -128,12 +143,19 @@ class UserLevelDP:
         return norm
 
     def set_noisy_grads(self, params: list[torch.Tensor], total: list[torch.Tensor]) -> None:
-        """p.grad = (sum of clipped user gradients + N(0, (sigma C)^2)) / (q n); one accountant step."""
+        """p.grad = ``noisy(total)``: the LoRA path, where the clipped quantities are the parameters' gradients."""
+        for p, g in zip(params, self.noisy(total)):
+            p.grad = g
+
+    def noisy(self, total: list[torch.Tensor]) -> list[torch.Tensor]:
+        """(sum of clipped user gradients + N(0, (sigma C)^2)) / (q n), per tensor; one accountant step."""
         expected = self.sample_rate * self.num_users
-        for p, t in zip(params, total):
+        out = []
+        for t in total:
             noise = torch.randn(t.shape, generator=self.noise_generator) * (self.noise * self.clip)
-            p.grad = (t + noise.to(t.device)) / expected
+            out.append((t + noise.to(t.device)) / expected)
         self.accountant.step(noise_multiplier=self.noise, sample_rate=self.sample_rate)
+        return out
 
     # -- accounting --------------------------------------------------------------------------------
     def epsilon(self) -> float:
@@ -152,27 +174,53 @@ class UserLevelDP:
         self.accountant.history = list(state["history"])
 
 
+def split_parameters(model, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(through, direct): the trained parameters that reach the loss only through the item table (text adaptor,
+    theta, item IDs: ``RecommendationHead.item_parameters``) and the others (sequence encoder, rating output)."""
+    inside = {id(p) for p in model.head.item_parameters()}
+    return [p for p in params if id(p) in inside], [p for p in params if id(p) not in inside]
+
+
+def released_zeros(model, direct: list[torch.Tensor], through: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zero sums of what the vectorised path clips and noises: each direct parameter, then the item table
+    [num_items + 1, d] when any trained parameter acts through it."""
+    table = [torch.zeros(model.num_items + 1, model.head.width, device=direct[0].device if direct else None)]
+    return [torch.zeros_like(p) for p in direct] + (table if through else [])
+
+
 def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], batch: tuple,
                    negatives: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Each user's gradient of its loss (``Recommender.forward`` over its windows) with respect to ``params``,
-    stacked [U, *p.shape] in the order of ``users``, and the users' losses [U]: ``torch.func.grad`` vmap-ed over
-    users (``USER_CHUNK`` at a time), dropout drawn independently per user. ``users``: each user's rows of
-    ``batch``. Users are grouped by their number of windows, one vmap per group: padding every user to the
-    step's most windows cost 4-6x on catalogues of long histories (a few users hold 10-24 windows)."""
+    """Each user's gradient of its loss (``Recommender.items_loss`` over its windows), stacked [U, ...] in the
+    order of ``users``, and the users' losses [U].
+
+    The gradient is taken with respect to the direct parameters (``split_parameters``) and, when any trained
+    parameter acts through it, the step's item table [num_items + 1, d] (last in the list): the per-user gradient
+    of the text adaptor would run the adaptor over the whole catalogue once per user (4-6x a plain epoch on
+    Last.fm), while the table's gradient costs what the logits do; the adaptor's, theta's and the item IDs'
+    gradients follow from the noisy sum of the clipped table gradients (``UserLevelDP.backward``).
+
+    ``torch.func`` grad vmap-ed over users (``USER_CHUNK`` at a time), dropout drawn independently per user.
+    ``users``: each user's rows of ``batch``. Users are grouped by their number of windows, one vmap per group:
+    padding every user to the step's most windows cost 4-6x on catalogues of long histories, and one vmap over
+    all windows (per-window gradients summed per user) was 1.4-2x slower than this (it materialises a table
+    gradient per window instead of per user)."""
     from torch.func import functional_call, grad_and_value, vmap
 
     loss = HeadLoss(model)
-    names = parameter_names(loss, params)
-    table = model.text_table()
-    table = table.detach() if table is not None else None
+    through, direct = split_parameters(model, params)
+    names = parameter_names(loss, direct)
+    with torch.no_grad():
+        items = model.head.item_vectors(model.text_table())
 
-    def user_loss(weights, x, y, r):
-        return functional_call(loss, weights, (x, y, table, r, negatives))
+    def user_loss(weights, table, x, y, r):
+        return functional_call(loss, weights, (table, x, y, r, negatives))
 
-    step = vmap(grad_and_value(user_loss), in_dims=(None, 0, 0, 0 if batch[2] is not None else None),
+    step = vmap(grad_and_value(user_loss, argnums=(0, 1)),
+                in_dims=(None, None, 0, 0, 0 if batch[2] is not None else None),
                 randomness="different", chunk_size=USER_CHUNK)
+    keys = names + (["items"] if through else [])
     sizes = np.array([len(u) for u in users])
-    grads: dict[str, list] = {name: [] for name in names}
+    grads: dict[str, list] = {key: [] for key in keys}
     losses, order = [], []
     for size in np.unique(sizes):
         group = np.flatnonzero(sizes == size)
@@ -181,19 +229,22 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
         # the fused CPU attention kernels have no vmap batching rule (vmap would loop over users); the math
         # kernel is made of batched matmuls and softmax
         with sdpa_kernel(SDPBackend.MATH):
-            part, part_losses = step(dict(zip(names, params)), inputs, targets, ratings)
+            (part, table_part), part_losses = step(dict(zip(names, direct)), items, inputs, targets, ratings)
         for name in names:
             grads[name].append(part[name])
+        if through:
+            grads["items"].append(table_part)
         losses.append(part_losses.detach())
         order.append(group)
     back = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"))
-    return [torch.cat(grads[name])[back] for name in names], torch.cat(losses)[back]
+    return [torch.cat(grads[key])[back] for key in keys], torch.cat(losses)[back]
 
 
 class HeadLoss(torch.nn.Module):
-    """``Recommender.forward`` seen through the head alone. The recommender holds the shared adaptor and sequence
-    encoder twice (encoder.shared, head.shared); torch.func.functional_call under grad does not restore such tied
-    parameters as the module's own (torch 2.13: they come back as plain tensors), so it is given the head only."""
+    """``Recommender.items_loss`` seen through the head alone. The recommender holds the shared adaptor and
+    sequence encoder twice (encoder.shared, head.shared); torch.func.functional_call under grad does not restore
+    such tied parameters as the module's own (torch 2.13: they come back as plain tensors), so it is given the
+    head only."""
 
     def __init__(self, model):
         super().__init__()
@@ -201,7 +252,7 @@ class HeadLoss(torch.nn.Module):
         self._model = [model]  # not registered: its parameters are the head's, plus frozen ones
 
     def forward(self, *args):
-        return self._model[0](*args)
+        return self._model[0].items_loss(*args)
 
 
 def segments(owners: np.ndarray) -> list[np.ndarray]:
@@ -211,15 +262,9 @@ def segments(owners: np.ndarray) -> list[np.ndarray]:
 
 
 def per_user(rows: torch.Tensor, users: list[np.ndarray]) -> torch.Tensor:
-    """[U, W, L] from batch rows [B, L]: each user's windows, padded with empty windows to the most any has
-    (an empty window has no target, so it adds nothing to that user's loss)."""
-    width = max(len(u) for u in users)
-    index = np.full((len(users), width), len(rows), dtype=np.int64)  # len(rows) = the empty row
-    for i, u in enumerate(users):
-        index[i, :len(u)] = u
-    empty = torch.full((1, rows.shape[1]), float("nan") if rows.is_floating_point() else 0,
-                       dtype=rows.dtype, device=rows.device)
-    return torch.cat([rows, empty])[torch.as_tensor(index, device=rows.device)]
+    """[U, W, L] from batch rows [B, L]: each user's windows (``user_gradients`` groups users with W windows)."""
+    index = torch.as_tensor(np.stack(users), device=rows.device)
+    return rows[index]
 
 
 def parameter_names(model: torch.nn.Module, params: list[torch.Tensor]) -> list[str]:

@@ -30,6 +30,7 @@ class RecommendationHead(nn.Module):
         super().__init__()
         d = model.hidden_size
         self.num_items = num_items
+        self.width = d
         self.shared = shared if shared is not None else SharedHead(text_dim, model, data.max_len)
         self.temperature = model.temperature
         self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0) if model.item_ids else None
@@ -60,6 +61,13 @@ class RecommendationHead(nn.Module):
         missing = [k for k in missing if not k.startswith("shared.")]
         if missing or unexpected:
             raise ValueError(f"head state: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    def item_parameters(self) -> list[nn.Parameter]:
+        """The parameters ``item_vectors`` is made of (text adaptor, theta, item IDs): they reach a loss only
+        through the item table."""
+        text = list(self.text_proj.parameters()) if self.text_proj is not None else []
+        return text + [p for p in (self.theta_logit, self.item_emb.weight if self.item_emb is not None else None)
+                       if p is not None]
 
     def predict_ratings(self, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Ratings [...] from matching user states and item vectors [..., d]; needs rating-weight > 0."""

@@ -94,7 +94,11 @@ class Recommender(nn.Module):
         once per user (user-level DP, common/privacy.py): the mean next-item cross-entropy over the non-padding
         positions of [W, L] windows (0 if there are none), the catalogue's text vectors ``table`` given.
         ``negatives``: the sampled-softmax candidates (None = the whole catalogue)."""
-        items = self.head.item_vectors(table)
+        return self.items_loss(self.head.item_vectors(table), inputs, targets, ratings, negatives)
+
+    def items_loss(self, items: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                   ratings: torch.Tensor | None = None, negatives: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward`` from the item vectors [num_items + 1, d] (DP takes per-user gradients of those)."""
         states = self.head.user_states(inputs, items)
         keep = (targets > 0).to(states.dtype)
         count = keep.sum().clamp(min=1.0)
