@@ -166,12 +166,13 @@ def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_b
             assert torch.allclose(g[u], torch.zeros_like(g[u]) if e is None else e, atol=1e-6, rtol=1e-4)
 
 
-def test_without_noise_or_clipping_the_dp_gradient_is_the_mean_of_the_users_gradients(split, tiny_bert):
+@pytest.mark.parametrize("item_ids", [True, False])
+def test_without_noise_or_clipping_the_dp_gradient_is_the_mean_of_the_users_gradients(split, tiny_bert, item_ids):
     """The adaptor's and theta's gradients are computed from the summed item-table gradient (post-processing):
     with no noise and a clip no user reaches, every parameter gets exactly the sum of the users' own gradients
     divided by the expected number of users, as the per-parameter mechanism would give."""
     trainer, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 1.0, "dp-clip": 1e6, "dropout": 0.0,
-                                                     "rating-weight": 0.0, "max-len": 8})
+                                                     "rating-weight": 0.0, "max-len": 8, "item-ids": item_ids})
     dp, model = trainer.dp, trainer.platforms[0].model
     dp.noise = 0.0
     model.train()
@@ -187,6 +188,7 @@ def test_without_noise_or_clipping_the_dp_gradient_is_the_mean_of_the_users_grad
     dp.backward(model, trainer.params, idx, batch)
     for p, e in zip(trainer.params, expected):
         torch.testing.assert_close(p.grad, e, atol=1e-6, rtol=1e-4)
+    assert trainer.epoch()  # a whole epoch runs (without IDs, theta is unused and must not break the pull-back)
 
 
 def test_vectorised_dp_epoch_accounts_like_opacus_and_trains_the_id_table_only_through_the_noise(split, tiny_bert):

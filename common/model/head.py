@@ -66,8 +66,9 @@ class RecommendationHead(nn.Module):
         """The parameters ``item_vectors`` is made of (text adaptor, theta, item IDs): they reach a loss only
         through the item table."""
         text = list(self.text_proj.parameters()) if self.text_proj is not None else []
-        return text + [p for p in (self.theta_logit, self.item_emb.weight if self.item_emb is not None else None)
-                       if p is not None]
+        ids = [self.item_emb.weight] if self.item_emb is not None else []
+        mixed = self.theta_logit is not None and text and ids  # theta is used only to mix the two
+        return text + ids + ([self.theta_logit] if mixed else [])
 
     def predict_ratings(self, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Ratings [...] from matching user states and item vectors [..., d]; needs rating-weight > 0."""
