@@ -9,19 +9,16 @@ sample is not predictable from the run's public seed), computes one gradient per
 
 Per-user gradients, two paths:
 - frozen encoder (lora-layers = 0, the default): vectorised. ``torch.func``: ``grad`` of each user's loss
-  (``Recommender.items_loss``) ``vmap``-ed over the step's users, one pass per group of users with the same
-  number of windows. What is clipped and noised is each user's gradient of the item table (the catalogue's item vectors) and
-  of the parameters that act directly (sequence encoder, rating output); the text adaptor's and theta's
-  gradients are the noisy table gradient pulled back through the adaptor: post-processing, at no privacy cost,
-  and one adaptor pass per step instead of one per user.
+  (``Recommender.items_loss``) ``vmap``-ed over the step's users (one pass per group of users with the same
+  number of windows) with respect to the sequence encoder and the item table; each user's table gradient is then
+  pulled back to the text adaptor, theta and the ID table by one batched VJP (``user_gradients``).
 - LoRA (lora-layers > 0): a step re-encodes sampled items through peft's LoRA layers; vmap over those is
   impractical, so each user is one micro-batch with its share of ``live-items`` (one forward/backward per user),
   the previous implementation, kept as a correct fallback.
 
-What is trained under DP: every trainable parameter that can influence what leaves the platform (the shared text
-adaptor and sequence encoder, LoRA) and the private ones they are trained against (theta, the rating output); all
-are clipped and noised together. The item-ID table is frozen (never trained) under DP: a table trained without
-noise would carry the users' data into the shared gradients. See README, "What user-level DP guarantees".
+What is trained under DP: every trainable parameter, shared (text adaptor, sequence encoder, LoRA) or private
+(item IDs, theta, the rating output); all are clipped and noised together, so nothing trained without noise feeds
+what leaves. See README, "What user-level DP guarantees".
 """
 
 from __future__ import annotations
@@ -90,30 +87,18 @@ class UserLevelDP:
         """Set ``p.grad`` of ``params`` from the noisy mean of the clipped per-user gradients of the step's users
         (``idx``: their windows, user by user; ``batch``: (inputs, targets, ratings) of those windows or None
         when no user was sampled); one accountant step. Returns the mean per-user loss (NaN without users)."""
-        losses: list[float] = []
-        users = segments(self.owners[idx]) if batch is not None and len(idx) else []
-        if live_items is not None:  # LoRA: per-user gradients of the parameters themselves
-            total = [torch.zeros_like(p) for p in params]
-            if users:
-                losses = self._per_user(model, params, users, batch, total, live_items, negatives)
-            self.set_noisy_grads(params, total)
-        else:
-            through, direct = split_parameters(model, params)
-            total = released_zeros(model, direct, through)
-            if users:
+        total, losses = [torch.zeros_like(p) for p in params], []
+        if batch is not None and len(idx):
+            users = segments(self.owners[idx])
+            if live_items is None:
                 losses = self._vectorised(model, params, users, batch, total, negatives)
-            noisy = self.noisy(total)
-            for p, g in zip(direct, noisy):
-                p.grad = g
-            if through:  # post-processing of the noisy item-table gradient: no further privacy cost
-                items = model.head.item_vectors(model.text_table().detach())
-                for p, g in zip(through, torch.autograd.grad(items, through, noisy[-1])):
-                    p.grad = g
+            else:
+                losses = self._per_user(model, params, users, batch, total, live_items, negatives)
+        self.set_noisy_grads(params, total)
         return float(np.mean(losses)) if len(losses) else float("nan")
 
     def _vectorised(self, model, params, users, batch, total, negatives) -> list[float]:
-        """Per-user gradients (``user_gradients``: the item table's and the other parameters'), clipped and summed
-        into ``total``, in ``released_zeros`` order."""
+        """Per-user gradients (``user_gradients``), clipped and summed into ``total``."""
         grads, losses = user_gradients(model, params, users, batch, negatives)
         norms = torch.sqrt(sum(g.reshape(len(g), -1).pow(2).sum(1) for g in grads))
         scale = (self.clip / (norms + 1e-12)).clamp(max=1.0)
@@ -143,19 +128,12 @@ class UserLevelDP:
         return norm
 
     def set_noisy_grads(self, params: list[torch.Tensor], total: list[torch.Tensor]) -> None:
-        """p.grad = ``noisy(total)``: the LoRA path, where the clipped quantities are the parameters' gradients."""
-        for p, g in zip(params, self.noisy(total)):
-            p.grad = g
-
-    def noisy(self, total: list[torch.Tensor]) -> list[torch.Tensor]:
-        """(sum of clipped user gradients + N(0, (sigma C)^2)) / (q n), per tensor; one accountant step."""
+        """p.grad = (sum of clipped user gradients + N(0, (sigma C)^2)) / (q n); one accountant step."""
         expected = self.sample_rate * self.num_users
-        out = []
-        for t in total:
+        for p, t in zip(params, total):
             noise = torch.randn(t.shape, generator=self.noise_generator) * (self.noise * self.clip)
-            out.append((t + noise.to(t.device)) / expected)
+            p.grad = (t + noise.to(t.device)) / expected
         self.accountant.step(noise_multiplier=self.noise, sample_rate=self.sample_rate)
-        return out
 
     # -- accounting --------------------------------------------------------------------------------
     def epsilon(self) -> float:
@@ -181,25 +159,17 @@ def split_parameters(model, params: list[torch.Tensor]) -> tuple[list[torch.Tens
     return [p for p in params if id(p) in inside], [p for p in params if id(p) not in inside]
 
 
-def released_zeros(model, direct: list[torch.Tensor], through: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Zero sums of what the vectorised path clips and noises: each direct parameter, then the item table
-    [num_items + 1, d] when any trained parameter acts through it."""
-    table = [torch.zeros(model.num_items + 1, model.head.width, device=direct[0].device if direct else None)]
-    return [torch.zeros_like(p) for p in direct] + (table if through else [])
-
-
 def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], batch: tuple,
                    negatives: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Each user's gradient of its loss (``Recommender.items_loss`` over its windows), stacked [U, ...] in the
-    order of ``users``, and the users' losses [U].
+    """Each user's gradient of its loss (``Recommender.items_loss`` over its windows) with respect to ``params``,
+    stacked [U, *p.shape] in the order of ``users``, and the users' losses [U].
 
-    The gradient is taken with respect to the direct parameters (``split_parameters``) and, when any trained
-    parameter acts through it, the step's item table [num_items + 1, d] (last in the list): the per-user gradient
-    of the text adaptor would run the adaptor over the whole catalogue once per user (4-6x a plain epoch on
-    Last.fm), while the table's gradient costs what the logits do; the adaptor's, theta's and the item IDs'
-    gradients follow from the noisy sum of the clipped table gradients (``UserLevelDP.backward``).
-
-    ``torch.func`` grad vmap-ed over users (``USER_CHUNK`` at a time), dropout drawn independently per user.
+    Two stages. (1) ``torch.func`` grad vmap-ed over users (``USER_CHUNK`` at a time; dropout drawn per user) of
+    the loss with respect to the direct parameters (``split_parameters``) and the step's item table
+    [num_items + 1, d]. (2) Each user's table gradient pulled back to the parameters the table is made of (text
+    adaptor, theta, item IDs) by one vmap-ed VJP of ``item_vectors``. Before, the adaptor ran over the whole
+    catalogue inside the per-user gradient, forward and backward once per user (4-6x a plain epoch on Last.fm);
+    the pull-back is the adaptor's backward alone, batched over users. The gradients are the same (tested).
     ``users``: each user's rows of ``batch``. Users are grouped by their number of windows, one vmap per group:
     padding every user to the step's most windows cost 4-6x on catalogues of long histories, and one vmap over
     all windows (per-window gradients summed per user) was 1.4-2x slower than this (it materialises a table
@@ -237,7 +207,36 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
         losses.append(part_losses.detach())
         order.append(group)
     back = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"))
-    return [torch.cat(grads[key])[back] for key in keys], torch.cat(losses)[back]
+    per_user_grads = {id(p): torch.cat(grads[name])[back] for name, p in zip(names, direct)}
+    if through:
+        table_grads = torch.cat(grads["items"])[back]
+        per_user_grads.update(zip(map(id, through), pull_back(model, through, table_grads)))
+    return [per_user_grads[id(p)] for p in params], torch.cat(losses)[back]
+
+
+def pull_back(model, through: list[torch.Tensor], table_grads: torch.Tensor) -> list[torch.Tensor]:
+    """Per-user gradients [U, *p.shape] of ``through`` (parameters of ``item_vectors``) from the users' item-table
+    gradients [U, num_items + 1, d]: the VJP of ``item_vectors`` at this step's point, vmap-ed over users."""
+    from torch.func import functional_call, vjp, vmap
+
+    table = model.text_table()
+    table = table.detach() if table is not None else None
+    module = ItemVectors(model.head)
+    names = parameter_names(module, through)
+    _, pull = vjp(lambda weights: functional_call(module, weights, (table,)), dict(zip(names, through)))
+    per_user = vmap(lambda g: pull(g)[0], chunk_size=USER_CHUNK)(table_grads)
+    return [per_user[name] for name in names]
+
+
+class ItemVectors(torch.nn.Module):
+    """``RecommendationHead.item_vectors`` as a module's forward, for ``torch.func.functional_call``."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, table):
+        return self.head.item_vectors(table)
 
 
 class HeadLoss(torch.nn.Module):

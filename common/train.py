@@ -108,12 +108,6 @@ class Trainer:
             from common.privacy import UserLevelDP
 
             self.dp = UserLevelDP(window_owners(platforms[0].split, self.max_len), config)
-            item_emb = platforms[0].model.head.item_emb
-            if item_emb is not None and self.encoder is not None and self.encoder.lora_parameters():
-                # LoRA's per-user path clips and noises each parameter's gradient, the ID table's too (a
-                # catalogue-sized noise); it stays frozen there. On the vectorised path its gradient is the noisy
-                # item-table gradient pulled back (post-processing), so it trains at no privacy cost.
-                item_emb.weight.requires_grad_(False)
         heads = {id(q): q for p in platforms for q in p.model.head.parameters()  # platforms may share a SharedHead
                  if q.requires_grad}
         groups = [{"params": list(heads.values()), "lr": self.config.lr}]

@@ -199,7 +199,9 @@ class TextAdaptor(nn.Module):
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         present = (text.abs().sum(-1, keepdim=True) > 0).to(text.dtype)  # text [..., text_dim]
-        out = torch.einsum("...ek,ekd->...ed", text[..., None, :] - self.bias, self.weight)
+        # (x - b) W written as x W - b W: the same values, but the bias's gradient is then the column sum of the
+        # output's gradient times W, not a catalogue-sized product (DP pulls back one gradient per user)
+        out = torch.einsum("...k,ekd->...ed", text, self.weight) - torch.einsum("ek,ekd->ed", self.bias, self.weight)
         if self.gate is None:
             return out[..., 0, :] * present
         gate = torch.softmax(self.gate(text), dim=-1)
