@@ -30,7 +30,6 @@ class RecommendationHead(nn.Module):
         super().__init__()
         d = model.hidden_size
         self.num_items = num_items
-        self.width = d
         self.shared = shared if shared is not None else SharedHead(text_dim, model, data.max_len)
         self.temperature = model.temperature
         self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0) if model.item_ids else None
