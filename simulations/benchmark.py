@@ -40,7 +40,7 @@ from common.train import Platform, fit
 METHODS = ("popularity", "zero-shot", "federated", "sasrec-id", "local-only", "centralised")
 OPTIONAL = ("local-only-lora",)  # the LoRA-vs-frozen comparison: not run by default (name it in --methods)
 # Pollen's federation with privacy / aggregation settings changed (not run by default; name them in --methods)
-DP_RECIPE = {"item-ids": False}  # under DP only the shared adaptor, sequence encoder and theta are trained (noised)
+DP_RECIPE = {"item-ids": False}  # text-only under DP: noise on the ID table drowns it on sparse data (README)
 FEDERATED_VARIANTS = {"federated-ffa": {"aggregation": "ffa"},
                       **{f"federated-dp-eps{e}": {"dp-epsilon": float(e), **DP_RECIPE} for e in (1, 4, 8)}}
 BUDGET_EPOCHS = 100  # the benchmark's cap on epochs (rounds); early stopping on validation ends every run sooner
