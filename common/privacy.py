@@ -167,9 +167,10 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     Two stages. (1) ``torch.func`` grad vmap-ed over users (``USER_CHUNK`` at a time; dropout drawn per user) of
     the loss with respect to the direct parameters (``split_parameters``) and the step's item table
     [num_items + 1, d]. (2) Each user's table gradient pulled back to the parameters the table is made of (text
-    adaptor, theta, item IDs) by one vmap-ed VJP of ``item_vectors``. Before, the adaptor ran over the whole
-    catalogue inside the per-user gradient, forward and backward once per user (4-6x a plain epoch on Last.fm);
-    the pull-back is the adaptor's backward alone, batched over users. The gradients are the same (tested).
+    adaptor, theta, item IDs) by one vmap-ed VJP of ``item_vectors`` (``item_table``; its forward also gives the
+    table of stage 1). Before, the adaptor ran over the whole catalogue inside the per-user gradient, forward and
+    backward once per user (4-6x a plain epoch on Last.fm); the pull-back is the adaptor's backward alone,
+    batched over users. The gradients are the same (tested).
     ``users``: each user's rows of ``batch``. Users are grouped by their number of windows, one vmap per group:
     padding every user to the step's most windows cost 4-6x on catalogues of long histories, and one vmap over
     all windows (per-window gradients summed per user) was 1.4-2x slower than this (it materialises a table
@@ -179,8 +180,7 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     loss = HeadLoss(model)
     through, direct = split_parameters(model, params)
     names = parameter_names(loss, direct)
-    with torch.no_grad():
-        items = model.head.item_vectors(model.text_table())
+    items, pull, through_names = item_table(model, through)
 
     def user_loss(weights, table, x, y, r):
         return functional_call(loss, weights, (table, x, y, r, negatives))
@@ -188,10 +188,9 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     step = vmap(grad_and_value(user_loss, argnums=(0, 1)),
                 in_dims=(None, None, 0, 0, 0 if batch[2] is not None else None),
                 randomness="different", chunk_size=USER_CHUNK)
-    keys = names + (["items"] if through else [])
     sizes = np.array([len(u) for u in users])
-    grads: dict[str, list] = {key: [] for key in keys}
-    losses, order = [], []
+    grads: dict[str, list] = {name: [] for name in names}
+    table_grads, losses, order = [], [], []
     for size in np.unique(sizes):
         group = np.flatnonzero(sizes == size)
         members = [users[i] for i in group]
@@ -202,30 +201,32 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
             (part, table_part), part_losses = step(dict(zip(names, direct)), items, inputs, targets, ratings)
         for name in names:
             grads[name].append(part[name])
-        if through:
-            grads["items"].append(table_part)
+        table_grads.append(table_part)
         losses.append(part_losses.detach())
         order.append(group)
     back = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"))
     per_user_grads = {id(p): torch.cat(grads[name])[back] for name, p in zip(names, direct)}
-    if through:
-        table_grads = torch.cat(grads["items"])[back]
-        per_user_grads.update(zip(map(id, through), pull_back(model, through, table_grads)))
+    if through:  # each user's table gradient pulled back to the parameters the table is made of, in one vmap
+        pulled = vmap(lambda g: pull(g)[0], chunk_size=USER_CHUNK)(torch.cat(table_grads)[back])
+        per_user_grads.update((id(p), pulled[name]) for name, p in zip(through_names, through))
     return [per_user_grads[id(p)] for p in params], torch.cat(losses)[back]
 
 
-def pull_back(model, through: list[torch.Tensor], table_grads: torch.Tensor) -> list[torch.Tensor]:
-    """Per-user gradients [U, *p.shape] of ``through`` (parameters of ``item_vectors``) from the users' item-table
-    gradients [U, num_items + 1, d]: the VJP of ``item_vectors`` at this step's point, vmap-ed over users."""
-    from torch.func import functional_call, vjp, vmap
+def item_table(model, through: list[torch.Tensor]) -> tuple[torch.Tensor, Callable | None, list[str]]:
+    """The step's item vectors [num_items + 1, d] (detached) and, when ``through`` (parameters of
+    ``item_vectors``) is not empty, the VJP that maps a gradient of them to gradients of ``through`` (a dict
+    keyed by the returned names): one forward of the adaptor serves both."""
+    from torch.func import functional_call, vjp
 
     table = model.text_table()
     table = table.detach() if table is not None else None
+    if not through:
+        with torch.no_grad():
+            return model.head.item_vectors(table), None, []
     module = ItemVectors(model.head)
     names = parameter_names(module, through)
-    _, pull = vjp(lambda weights: functional_call(module, weights, (table,)), dict(zip(names, through)))
-    per_user = vmap(lambda g: pull(g)[0], chunk_size=USER_CHUNK)(table_grads)
-    return [per_user[name] for name in names]
+    items, pull = vjp(lambda weights: functional_call(module, weights, (table,)), dict(zip(names, through)))
+    return items.detach(), pull, names
 
 
 class ItemVectors(torch.nn.Module):
