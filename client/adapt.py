@@ -34,7 +34,7 @@ import torch
 
 from client.export import export_model
 from common import cli
-from common.checks import check_tensors, load_tensors, shapes
+from common.checks import check_tensors, read_adapter, shapes
 from common.cli import add_debug_flag
 from common.config import PollenConfig, add_flags, from_args
 from common.errors import ConfigError, FileProblem, printable_path
@@ -42,28 +42,11 @@ from common.preflight import check_settings
 from common.data.sources import load_split
 from common.data.split import SplitData
 from common.evaluate import evaluate
-from common.model.encoder import ADAPTER_FILE, SHARED_FILE, TextEncoder, cached_item_states
+from common.model.encoder import TextEncoder, cached_item_states
 from common.model.recommender import Recommender
 from common.runtime import configure_threads, default_cache_dir
 from common.train import FitResult, Log, Platform, fit
 
-
-
-def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter folder (what the server writes to RUN/adapter after every round: peft's LoRA
-    file and/or the recommendation adapters), checked for finite values; ``adapt`` checks their keys and shapes
-    against the model. Errors name the file."""
-    def checked(file: Path) -> dict[str, torch.Tensor]:
-        tensors = load_tensors(file, "adapter")
-        check_tensors(tensors, file, what="adapter")
-        return tensors
-
-    path = Path(folder)
-    state = checked(path) if path.is_file() else TextEncoder.read_adapter(path, checked) if path.is_dir() else {}
-    if not state:
-        raise FileProblem(folder, f"expected an adapter folder holding {ADAPTER_FILE} and/or {SHARED_FILE} (the "
-                                  "federation writes one to RUN/adapter)")
-    return state
 
 
 def user_order(num_users: int, seed: int) -> np.ndarray:
@@ -166,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.fraction:.0%} of users, {'federated adapter ' + args.adapter if args.adapter else 'fresh adapter'}")
     start = time.perf_counter()
     adapted = adapt(split, config, adapter, args.epochs, args.fraction, args.cache_dir, log,
-                    f"[{printable_path(name)}] ", adapter_source=str(Path(args.adapter) / ADAPTER_FILE))
+                    f"[{printable_path(name)}] ", adapter_source=str(args.adapter))
     test = test_metrics(adapted, split)
     metrics = {"adapter": str(args.adapter), "fraction": args.fraction, "epochs": args.epochs,
                "best-epoch": adapted.result.best_epoch[name], "train-users": adapted.platform.split.num_users,

@@ -52,6 +52,25 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], path: str | Path, expecte
         raise FileProblem(path, f"unusable {what}: " + "; ".join(issues[:3]) + more)
 
 
+def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder (what the server writes to RUN/adapter after every round: peft's LoRA
+    file and/or the recommendation adapters, either may be absent) or of one adapter file, checked for finite
+    values; whoever loads them checks keys and shapes against its model. Errors name the file."""
+    from common.model.encoder import ADAPTER_FILE, SHARED_FILE, TextEncoder
+
+    def checked(file: Path) -> dict[str, torch.Tensor]:
+        tensors = load_tensors(file, "adapter")
+        check_tensors(tensors, file, what="adapter")
+        return tensors
+
+    path = Path(folder)
+    state = checked(path) if path.is_file() else TextEncoder.read_adapter(path, checked) if path.is_dir() else {}
+    if not state:
+        raise FileProblem(folder, f"expected an adapter folder holding {ADAPTER_FILE} and/or {SHARED_FILE} (the "
+                                  "federation writes one to RUN/adapter)")
+    return state
+
+
 def shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 

@@ -89,18 +89,14 @@ def preflight(config: PollenConfig, kind: str, overwrite: bool = False, federati
               log: Log = print) -> PollenConfig:
     """Everything a driver checks before work, in order of cost; returns the config with min-clients resolved and
     run-dir set to the claimed (new, or emptied with ``overwrite``) and locked run folder."""
-    from pathlib import Path
-
-    from common.checks import check_tensors, load_tensors
+    from common.checks import read_adapter
     from common.files import claim_run_dir
 
     check_settings(config, federation=federation)
     if federation:
         config = resolve_min_clients(config, log)
     if adapter:
-        path = Path(adapter)
-        file = path / "adapter_model.safetensors" if path.is_dir() else path
-        check_tensors(load_tensors(file, "adapter"), file, what="adapter")
+        read_adapter(adapter)  # LoRA and/or recommendation adapters; without LoRA a folder holds only the latter
     run_dir = claim_run_dir(config.federation.run_dir, kind, overwrite)
     config = config.replace(**{"run-dir": str(run_dir)})
     if platforms:

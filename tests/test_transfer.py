@@ -88,6 +88,22 @@ def test_adapt_command_starts_from_the_adapter_and_exports_a_servable_model(tiny
     assert "exported to" in capsys.readouterr().out
 
 
+def test_adapt_command_takes_an_adapter_without_lora(tiny_bert, platform_folder, tmp_path):
+    """With the default frozen encoder (lora-layers 0) the federation's adapter folder holds only the
+    recommendation adapters; the preflight used to demand peft's file and refused it."""
+    config = PollenConfig().replace(**{"base-model": tiny_bert})
+    encoder = TextEncoder(config.model, seed=7)
+    shared = {k: v + 0.05 for k, v in encoder.adapter_state().items()}
+    encoder.load_adapter_state(shared)
+    encoder.save_adapter(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["recommendation_adapter.safetensors"]
+    assert adapt_main(["--adapter", str(tmp_path / "adapter"), "--data-path", str(platform_folder), "--export-dir",
+                       str(tmp_path / "model"), "--fraction", "0.2", "--epochs", "1", "--base-model", tiny_bert,
+                       "--lr", "1e-12", "--threads", "1", "--cache-dir", ""]) == 0
+    head = load_file(tmp_path / "model" / "head.safetensors")  # the shared parts are in the exported head
+    assert all(torch.allclose(head[k], shared[k], atol=1e-6) for k in shared)  # started from the given adapter
+
+
 def test_adapt_command_rejects_a_missing_adapter(platform_folder, tmp_path):
     with pytest.raises(FileProblem, match="adapter_model.safetensors"):
         adapt_main(["--adapter", str(tmp_path), "--data-path", str(platform_folder), "--export-dir",
