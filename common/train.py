@@ -212,6 +212,12 @@ class FitResult:
     test: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
     elapsed: list[float] = field(default_factory=list)
+    states: dict[str, dict] = field(default_factory=dict, repr=False)  # each platform's selected state
+
+    def restore(self, platform: Platform, encoder: TextEncoder | None) -> None:
+        """Put ``platform`` and the encoder's shared adapters back at the platform's selected state (after a
+        joint fit the shared adapters hold the last platform's)."""
+        _restore(platform, encoder, self.states[platform.split.name])
 
     @property
     def epochs_run(self) -> dict[str, int]:
@@ -251,7 +257,8 @@ def fit(platforms: list[Platform], encoder: TextEncoder | None, config: PollenCo
             break
     result.seconds = time.perf_counter() - start
     for p in platforms:
-        _restore(p, encoder, best[p.split.name][1])
+        result.states[p.split.name] = best[p.split.name][1]
+        result.restore(p, encoder)
         result.test[p.split.name] = p.evaluate("test")
     return result
 

@@ -4,7 +4,9 @@
 
 Platforms (config 'platforms'): e-commerce = Amazon Office (ReChorus), social = Last.fm sequences (RecBole),
 video = MovieLens-100K (RecBole). Methods: popularity, SASRec on item IDs, zero-shot frozen text, LoRA+head
-trained on each platform alone, Pollen's federation, and the centralised (pooled, privacy-violating) reference.
+trained on each platform alone, Pollen's federation, and the centralised (pooled, privacy-violating) reference;
+optional: LoRA after the frozen encoder, and the pooled reference fine-tuned per platform (the most a federation
+of these platforms, then personalised, could give its members).
 Budget = num-rounds x local-epochs epochs for every trained method; each platform's reported model is its
 best epoch (or round) on validation. Writes benchmark.json and benchmark.md into the run folder.
 """
@@ -38,7 +40,9 @@ from common.runtime import configure_threads, default_cache_dir
 from common.train import Platform, fit
 
 METHODS = ("popularity", "zero-shot", "federated", "sasrec-id", "local-only", "centralised")
-OPTIONAL = ("local-only-lora",)  # the LoRA-vs-frozen comparison: not run by default (name it in --methods)
+# not run by default (name them in --methods): the LoRA-vs-frozen comparison; the pooled reference with each
+# platform then fine-tuned alone from its selected pooled state (the ceiling of "federate, then personalise")
+OPTIONAL = ("local-only-lora", "centralised-finetuned")
 # Pollen's federation with privacy / aggregation settings changed (not run by default; name them in --methods)
 DP_RECIPE = {"item-ids": False}  # text-only under DP: noise on the ID table drowns it on sparse data (README)
 FEDERATED_VARIANTS = {"federated-ffa": {"aggregation": "ffa"},
@@ -81,6 +85,14 @@ def lora_after_frozen(split: SplitData, config: PollenConfig, budget: int, cache
 LORA_LAYERS = 2
 
 
+def fit_pooled(splits: list[SplitData], config: PollenConfig, budget: int, cache_dir: str | None, log):
+    """The centralised reference: every platform's data in one training, one shared adapter, private heads."""
+    torch.manual_seed(config.train.seed)
+    encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len)
+    platforms = build_platforms(splits, config, cache_dir, encoder)
+    return encoder, platforms, fit(platforms, encoder, config, budget, log=log, label="[centralised] ")
+
+
 def load_splits(config: PollenConfig, log=print) -> list[SplitData]:
     splits = [load_split(config.data, name) for name in platform_names(config.data)]
     for s in splits:
@@ -103,6 +115,7 @@ def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str
         results["methods"][method] = {"test": test, "seconds": seconds, **extra}
         log(f"[{method}] {seconds:.0f}s  " + "  ".join(f"{n}: NDCG@10 {m['ndcg@10']:.4f}" for n, m in test.items()))
 
+    pooled = None  # the centralised fit (encoder, platforms, result), reused by centralised-finetuned
     for method in methods:
         start = time.perf_counter()
         if method in SEED_FREE and reuse and method in reuse:
@@ -146,11 +159,22 @@ def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str
             record(method, test, time.perf_counter() - start, best_epoch=best, epochs_run=ran,
                    note="frozen encoder until early stop, then LoRA (best frozen state kept as epoch 0)")
         elif method == "centralised":
-            torch.manual_seed(config.train.seed)
-            encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len)
-            r = fit(build_platforms(splits, config, cache_dir, encoder), encoder, config, budget, log=log,
-                    label="[centralised] ")
-            record(method, r.test, time.perf_counter() - start, best_epoch=r.best_epoch, epochs_run=r.epochs_run)
+            pooled = fit_pooled(splits, config, budget, cache_dir, log)
+            record(method, pooled[2].test, time.perf_counter() - start, best_epoch=pooled[2].best_epoch,
+                   epochs_run=pooled[2].epochs_run)
+        elif method == "centralised-finetuned":
+            encoder, platforms, r = pooled or fit_pooled(splits, config, budget, cache_dir, log)
+            test, best, ran = {}, {}, {}
+            for p in platforms:
+                r.restore(p, encoder)
+                tuned = fit([p], encoder, config, budget, log=log, label=f"[centralised-finetuned {p.split.name}] ",
+                            keep_start=True)
+                test.update(tuned.test)
+                best.update(tuned.best_epoch)
+                ran.update(tuned.epochs_run)
+            record(method, test, time.perf_counter() - start, best_epoch=best, epochs_run=ran,
+                   pooled_best_epoch=r.best_epoch,
+                   note="pooled training, then each platform alone from its selected pooled state (kept as epoch 0)")
         elif method == "federated" or method in FEDERATED_VARIANTS:
             from simulations.run import simulate
 
@@ -192,8 +216,9 @@ def summarise(runs: dict[int, dict]) -> dict:
         out["methods"][method] = {"test": test, "seconds": spread([p["seconds"] for p in per]),
                                   **{k: per[0][k] if all(p[k] == per[0][k] for p in per) else [p[k] for p in per]
                                      for k in per[0] if k not in ("test", "seconds")}}
-    if "federated" in first["methods"] and "local-only" in first["methods"]:
-        out["paired"] = {"federated - local-only": paired(runs, "federated", "local-only")}
+    if "local-only" in first["methods"]:  # what sharing gives a member over training alone, per seed
+        out["paired"] = {f"{m} - local-only": paired(runs, m, "local-only")
+                         for m in ("federated", "centralised-finetuned") if m in first["methods"]}
     return out
 
 

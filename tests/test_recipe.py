@@ -84,12 +84,20 @@ def test_every_benchmark_method_gets_the_same_budget(tiny_bert, tmp_path):
     none runs more epochs than the cap; seed-free methods are evaluated once and reused."""
     config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 0, "num-rounds": 3, "patience": 2,
                                        "hidden-size": 16, "run-dir": str(tmp_path), "threads": 1})
-    out = run_seeds(config, ("popularity", "sasrec-id", "local-only", "centralised"), [1, 2], None,
-                    log=lambda line: None)
+    trained = ("sasrec-id", "local-only", "centralised", "centralised-finetuned")
+    out = run_seeds(config, ("popularity", *trained), [1, 2], None, log=lambda line: None)
     assert out["budget_epochs"] == 3 and out["patience"] == 2 and out["seeds"] == [1, 2]
-    for method in ("sasrec-id", "local-only", "centralised"):
+    for method in trained:
         epochs = out["methods"][method]["epochs_run"]
         epochs = epochs if isinstance(epochs, list) else [epochs]  # one value when both seeds agree
         assert all(1 <= e <= 3 for per_seed in epochs for e in per_seed.values()), (method, epochs)
     popularity = out["methods"]["popularity"]["test"]
     assert all(m["ndcg@10"]["std"] == 0 for m in popularity.values())
+    # fine-tuning starts from each platform's selected pooled state: where validation kept it (epoch 0), the test
+    # figure is the centralised one exactly
+    pooled, tuned = out["methods"]["centralised"]["test"], out["methods"]["centralised-finetuned"]
+    best = tuned["best_epoch"] if isinstance(tuned["best_epoch"], list) else [tuned["best_epoch"]] * 2
+    for i, per_seed in enumerate(best):
+        for platform, epoch in per_seed.items():
+            if epoch == 0:
+                assert tuned["test"][platform]["ndcg@10"]["seeds"][i] == pooled[platform]["ndcg@10"]["seeds"][i]
