@@ -13,6 +13,12 @@ from common.data.split import SplitData
 from common.evaluate import Rater, Scorer, evaluate
 from common.model.encoder import ItemStates, TextEncoder
 
+# SASRec on item IDs (the trained ID-only baseline of the benchmark and the transfer runner): the same head and
+# loop without text, at SASRec's dropout for sparse data (Kang & McAuley 2018). At seed 42 dropout 0.5 beat the
+# text head's 0.2 on every platform's validation NDCG@10 (Office 0.0641 vs 0.0614, Last.fm 0.0167 vs 0.0147,
+# MovieLens-100K 0.0954 vs 0.0905).
+SASREC_ID = {"text": False, "item-ids": True, "dropout": 0.5}
+
 
 def popularity_scorer(split: SplitData) -> Scorer:
     """Every user gets the items most often seen in training."""

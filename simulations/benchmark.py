@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.baselines import popularity_scorer, zero_shot_scorer
+from common.baselines import SASREC_ID, popularity_scorer, zero_shot_scorer
 from common import cli
 from common.config import PollenConfig, add_flags, from_args
 from common.errors import ConfigError
@@ -130,7 +130,7 @@ def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str
                     for s in splits}
             record(method, test, time.perf_counter() - start)
         elif method == "sasrec-id":
-            id_config = config.replace(**{"text": False, "item-ids": True})
+            id_config = config.replace(**SASREC_ID)
             test, best, ran = {}, {}, {}
             for p in build_platforms(splits, id_config, None):
                 r = fit([p], None, id_config, budget, log=log, label=f"[sasrec-id {p.split.name}] ")

@@ -79,6 +79,7 @@ def run_transfer(config: PollenConfig, target: str, adapter_path: str, fractions
                  run_dir: Path, cache_dir: str | None, starts: tuple[str, ...] = STARTS,
                  log=functools.partial(print, flush=True)) -> dict:
     from client.adapt import adapt, read_adapter, test_metrics
+    from common.baselines import SASREC_ID
 
     name = Path(target).name
     path = Path(target) if Path(target).is_dir() else Path(config.data.data_dir) / target
@@ -98,7 +99,7 @@ def run_transfer(config: PollenConfig, target: str, adapter_path: str, fractions
                 if start != "sasrec-id":  # an ID model knows nothing before training
                     results["runs"].append(zero_shot(split, config, start, adapter, cache_dir, log))
                 continue
-            run_config = config.replace(**{"text": False}) if start == "sasrec-id" else config
+            run_config = config.replace(**SASREC_ID) if start == "sasrec-id" else config
             label = f"[{start} {fraction:.0%}] "
             adapted = adapt(split, run_config, adapter if start == "federated" else None, epochs, fraction,
                             cache_dir, log, label)
