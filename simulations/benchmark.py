@@ -174,7 +174,8 @@ def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str
                 ran.update(tuned.epochs_run)
             record(method, test, time.perf_counter() - start, best_epoch=best, epochs_run=ran,
                    pooled_best_epoch=r.best_epoch,
-                   note="pooled training, then each platform alone from its selected pooled state (kept as epoch 0)")
+                   note="pooled training, then each platform alone from its selected pooled state (kept as epoch 0); "
+                        "two phases under the cap each, like local-only-lora: a ceiling, not a competitor")
         elif method == "federated" or method in FEDERATED_VARIANTS:
             from simulations.run import simulate
 
