@@ -92,7 +92,7 @@ def adapt(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tenso
         raise ConfigError("config: an ID-only model (text = false) has no encoder to load an adapter into")
     train_split = user_subset(split, fraction, config.train.seed)
     states = cached_item_states(encoder, split.item_texts, cache_dir) if encoder is not None else None
-    platform = Platform(train_split, Recommender(split, config, encoder, states))
+    platform = Platform(train_split, Recommender(train_split, config, encoder, states))
     return Adapted(platform, encoder, fit([platform], encoder, config, epochs, log=log, label=label))
 
 

@@ -143,7 +143,7 @@ def load_model(folder: str | Path) -> ServedModel:
     head = RecommendationHead(meta["num-items"], meta["text-dim"], config.model, config.data)
     head.load_state_dict(_read_tensors(folder / "head.safetensors", shapes(head.state_dict())))
     head.eval()
-    rows, width = meta["num-items"] + 1, config.model.hidden_size
+    rows, width = meta["num-items"] + 1, head.item_width
     items = _read_tensors(folder / "item_vectors.safetensors", {"items": (rows, width)})["items"]
     item_ids, texts = _read_items(folder / "items.csv")
     if len(item_ids) != meta["num-items"]:

@@ -98,6 +98,10 @@ class ModelConfig:
         "values": "'learned' or a number in [0, 1]"})
     rating_weight: float = field(default=0.0, metadata={
         "help": "> 0: the head also predicts explicit ratings, MSE loss at this weight", "values": ">= 0 (0 = off)"})
+    text_prior: bool = field(default=False, metadata={
+        "help": "add the zero-shot text ranking to every score (cosine of an item's pretrained text vector with a "
+                "recency-weighted mean of the history's, times a learned scale) and start the learned part at "
+                "zero: an untrained model ranks like MiniLM zero-shot, and validation can keep that start"})
 
     def fusion_theta(self) -> float | None:
         if self.fusion == "learned":
@@ -261,6 +265,9 @@ class PollenConfig:
             (self.model.lora_rank >= 1, "lora-rank must be >= 1"),
             (self.model.text or self.model.item_ids, "a model needs text or item-ids"),
             (self.model.rating_weight >= 0, "rating-weight must be >= 0"),
+            (self.model.text or not self.model.text_prior, "text-prior needs text = true"),
+            (not (self.model.text_prior and self.privacy.dp),
+             "text-prior is not available under DP (dp-epsilon / dp-noise > 0) yet: set text-prior = false"),
             (self.train.local_epochs >= 1, "local-epochs must be >= 1"),
             (self.train.batch_size >= 1, "batch-size must be >= 1"),
             (self.train.max_steps >= 0, "max-steps must be >= 0"),

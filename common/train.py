@@ -230,8 +230,10 @@ def fit(platforms: list[Platform], encoder: TextEncoder | None, config: PollenCo
     """Train for at most ``epochs``, stopping early once no platform's validation NDCG@10 improved for
     ``patience`` epochs; each platform keeps its best-on-validation state, then is tested once.
 
-    ``keep_start``: the starting state is a candidate too (epoch 0), for a phase that continues a trained model.
+    ``keep_start``: the starting state is a candidate too (epoch 0), for a phase that continues a trained model;
+    always so with ``text-prior``, whose untrained model is the zero-shot ranking.
     """
+    keep_start = keep_start or config.model.text_prior
     trainer = Trainer(platforms, encoder, config)
     result = FitResult(valid={p.split.name: [] for p in platforms})
     best: dict[str, tuple[float, dict]] = {}

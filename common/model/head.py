@@ -4,6 +4,13 @@ The item-ID embeddings, theta and the rating output never leave a platform; the 
 encoder (``SharedHead``) are shared through the federation with the LoRA adapter. theta, the weight of text against IDs (the "transfer parameter"), is either
 learned (a sigmoid of one parameter) or fixed by the config. With ``rating-weight`` > 0 it also predicts the
 explicit rating a user gives the next item (the seed's MSE example).
+
+With ``text-prior`` every score also holds the zero-shot text ranking, and the learned part starts at zero (the
+sequence encoder's output scale is zero-initialised, ReZero-style): an untrained head ranks exactly like MiniLM
+zero-shot, and training moves away from it only as far as validation rewards. An item vector is then
+``[fused vector | normalised text vector]`` and a user state ``[sequence state | scale x normalised
+recency-weighted mean of the history's text vectors]``, so one dot product gives both terms and scoring, export
+and serving stay the same code.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import DataConfig, ModelConfig
+
+
+PRIOR_TEMPERATURE = 0.07  # the text prior's starting scale is 1 / this (UniSRec's cosine temperature)
 
 
 class RecommendationHead(nn.Module):
@@ -30,6 +40,11 @@ class RecommendationHead(nn.Module):
         super().__init__()
         d = model.hidden_size
         self.num_items = num_items
+        self.width = d  # of the learned part of item vectors and user states
+        self.prior = bool(text_dim) and model.text_prior
+        if self.prior:
+            self.prior_scale = nn.Parameter(torch.tensor(math.log(1 / PRIOR_TEMPERATURE)))  # log of the scale
+            self.register_buffer("prior_decay", torch.tensor(0.5))  # recency weight; set from validation
         self.shared = shared if shared is not None else SharedHead(text_dim, model, data.max_len)
         self.temperature = model.temperature
         self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0) if model.item_ids else None
@@ -45,6 +60,11 @@ class RecommendationHead(nn.Module):
         if model.rating_weight > 0:
             self.rating = nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, 1))
             self.register_buffer("rating_offset", torch.zeros(()))
+
+    @property
+    def item_width(self) -> int:
+        """Width of item vectors and user states: the learned part, plus the text prior's when it is on."""
+        return self.width + (self.text_proj.weight.shape[1] if self.prior else 0)
 
     @property
     def text_proj(self) -> "TextAdaptor | None":
@@ -71,6 +91,7 @@ class RecommendationHead(nn.Module):
 
     def predict_ratings(self, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Ratings [...] from matching user states and item vectors [..., d]; needs rating-weight > 0."""
+        states, items = states[..., :self.width], items[..., :self.width]
         return self.rating_offset + self.rating(torch.cat([states, items, states * items], -1)).squeeze(-1)
 
     def theta(self) -> torch.Tensor | float:
@@ -85,26 +106,50 @@ class RecommendationHead(nn.Module):
         """[num_items + 1, d] from the catalogue's text vectors [num_items + 1, text_dim] (row 0 = padding)."""
         out = self.text_vectors(text) if self.text_proj is not None else 0.0
         if self.item_emb is not None:
-            out = out + (1.0 - self.theta()) * self.item_emb.weight
+            ids = (1.0 - self.theta()) * self.item_emb.weight
+            out = out + (F.pad(ids, (0, self.item_width - self.width)) if self.prior else ids)
         return out
 
     def text_vectors(self, text: torch.Tensor) -> torch.Tensor:
         """The text part of item vectors: all an item never seen in training (no ID embedding) has."""
-        return self.theta() * self.text_proj(text)
+        out = self.theta() * self.text_proj(text)
+        return torch.cat([out, F.normalize(text, dim=-1)], -1) if self.prior else out
 
     def similarity(self, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Logits [..., n] of user states [..., d] against item vectors [..., n, d]: a dot product, or with a
-        temperature the cosine / temperature (UniSRec), which keeps text vectors of any norm on one scale."""
-        if not self.temperature:
-            return states @ items.transpose(-1, -2)
-        return F.normalize(states, dim=-1) @ F.normalize(items, dim=-1).transpose(-1, -2) / self.temperature
+        temperature the cosine / temperature (UniSRec) of the learned parts, which keeps text vectors of any norm
+        on one scale (the text prior's part is a cosine already)."""
+        if self.temperature:
+            w = self.width
+            states = torch.cat([F.normalize(states[..., :w], dim=-1) / self.temperature, states[..., w:]], -1)
+            items = torch.cat([F.normalize(items[..., :w], dim=-1), items[..., w:]], -1)
+        return states @ items.transpose(-1, -2)
 
     def user_states(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return self.shared.sequence(sequences, items)
+        """The user state after every position of right-aligned sequences [B, L] -> [B, L, item_width]."""
+        states = self.shared.sequence(sequences, items[..., :self.width])
+        return self._with_prior(states, sequences, items, last=False)
 
     def last_states(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """The user state after each whole sequence [B, d]: what ranking needs (eval mode)."""
-        return self.shared.sequence.last_state(sequences, items)
+        """The user state after each whole sequence [B, item_width]: what ranking needs (eval mode)."""
+        states = self.shared.sequence.last_state(sequences, items[..., :self.width])
+        return self._with_prior(states, sequences, items, last=True)
+
+    def _with_prior(self, states: torch.Tensor, sequences: torch.Tensor, items: torch.Tensor, last: bool
+                    ) -> torch.Tensor:
+        """Append the text prior's user part: the scaled, normalised mean of the history's normalised text
+        vectors, weighted decay^age (the latest item age 0), as ``common.baselines.zero_shot_scorer`` ranks."""
+        if not self.prior:
+            return states
+        text = items[..., self.width:][sequences]  # [B, L, k]; padding rows are zero
+        position = torch.arange(sequences.shape[1], device=text.device)
+        if last:
+            mean = torch.einsum("s,bsk->bk", self.prior_decay ** (position[-1] - position).to(text.dtype), text)
+        else:
+            age = position[:, None] - position[None, :]
+            weights = torch.where(age >= 0, self.prior_decay ** age.clamp(min=0).to(text.dtype), 0.0)
+            mean = torch.einsum("ts,bsk->btk", weights, text)
+        return torch.cat([states, self.prior_scale.exp() * F.normalize(mean, dim=-1)], -1)
 
 
 class SharedHead(nn.Module):
@@ -115,6 +160,8 @@ class SharedHead(nn.Module):
         super().__init__()
         self.adaptor = TextAdaptor(text_dim, model.hidden_size, model.adaptor_experts) if text_dim else None
         self.sequence = SequenceEncoder(model, max_len)
+        if model.text_prior and text_dim:  # the learned score starts at 0: an untrained model is the text prior
+            nn.init.zeros_(self.sequence.output_norm.weight)
 
 
 class SequenceEncoder(nn.Module):

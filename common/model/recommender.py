@@ -39,6 +39,11 @@ class Recommender(nn.Module):
                 self.head.rating_offset.fill_(float(np.nanmean(rated)))
         self._text_table: torch.Tensor | None = None
         self._table_version = -1
+        if self.head.prior:  # the zero-shot ranking's recency weight, chosen on this split's validation targets
+            from common.baselines import best_decay
+
+            table = F.normalize(self.text_table().detach().float().cpu(), dim=-1)
+            self.head.prior_decay.fill_(best_decay(split, table, self.max_len))
         self.eval()  # built for scoring: dropout is on only inside a training epoch (common/train.py)
 
     # -- catalogue ---------------------------------------------------------------------------------
