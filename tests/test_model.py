@@ -148,3 +148,34 @@ def test_last_state_equals_forward_at_the_last_position(layers, heads):
     a = encoder.last_state(sequences, items)
     torch.manual_seed(1)
     torch.testing.assert_close(a, encoder(sequences, items)[:, -1])
+
+
+def test_an_untrained_text_prior_model_ranks_like_zero_shot_and_fit_can_keep_it(tiny_bert):
+    """``text-prior``: before training the score is the zero-shot text ranking exactly (scaled), the per-position
+    states of training agree with scoring's, and ``fit`` keeps the start when training does not beat it."""
+    from common.baselines import zero_shot_scorer
+    from common.evaluate import evaluate
+    from common.train import fit
+
+    config = PollenConfig().replace(**{"base-model": tiny_bert, "text-prior": True, "batch-size": 32})
+    split = leave_one_out(generate(SyntheticConfig())[0])
+    torch.manual_seed(0)
+    encoder = TextEncoder(config.model)
+    model = Recommender(split, config, encoder)
+    zero_shot = zero_shot_scorer(split, encoder, model.states, window=config.data.max_len)
+    histories = split.eval_inputs("test")[0][:32]
+    scale = model.head.prior_scale.exp().item()
+    torch.testing.assert_close(model.score(histories)[:, 1:] / scale, zero_shot(histories)[:, 1:],
+                               rtol=1e-4, atol=1e-5)
+    platform = Platform(split, model)
+    Trainer([platform], encoder, config.replace(**{"max-steps": 3})).epoch()  # the learned part moves off zero
+    assert model.head.shared.sequence.output_norm.weight.abs().sum() > 0
+    items = model.item_vectors()
+    inputs = torch.from_numpy(np.stack([np.pad(h[-10:], (10 - len(h[-10:]), 0)) for h in histories]))
+    with torch.inference_mode():
+        torch.testing.assert_close(model.head.last_states(inputs, items),
+                                   model.head.user_states(inputs, items)[:, -1], rtol=1e-4, atol=1e-4)
+    fresh = Platform(split, Recommender(split, config, TextEncoder(config.model)))
+    result = fit([fresh], fresh.model.encoder, config.replace(lr=1e-12), epochs=1, log=lambda _: None)
+    assert result.best_epoch[split.name] == 0  # a step of 1e-12 cannot beat the start: the start is kept
+    assert result.test[split.name] == evaluate(zero_shot, split, "test")

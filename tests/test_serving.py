@@ -65,6 +65,14 @@ def cosine_model(split, tmp_path_factory):
     return platform, export_model(tmp_path_factory.mktemp("export") / "cosine-model", platform, config)
 
 
+@pytest.fixture(scope="module")
+def prior_model(tiny_bert, split, tmp_path_factory):
+    """The text prior widens item vectors and user states: served scores and new items must include it."""
+    config = PollenConfig().replace(**{"base-model": tiny_bert, "text-prior": True})
+    platform = _trained(split, config)
+    return platform, export_model(tmp_path_factory.mktemp("export") / "prior-model", platform, config)
+
+
 @pytest.fixture()
 def client(text_model):
     """A fresh ServedModel per test: add_item in one test must not leak into another."""
@@ -90,7 +98,7 @@ def test_folder_layout(text_model, id_model):
     assert not list(folder.parent.glob(".*tmp*"))  # the atomic build left nothing behind
 
 
-@pytest.mark.parametrize("which", ["text_model", "id_model", "cosine_model"])
+@pytest.mark.parametrize("which", ["text_model", "id_model", "cosine_model", "prior_model"])
 def test_served_scores_equal_in_process_scores(which, request):
     platform, folder = request.getfixturevalue(which)
     served = load_model(folder)
@@ -129,20 +137,22 @@ def test_encoder_is_lazy_and_reproduces_the_trained_text_vectors(text_model):
     assert torch.allclose(served.text_item_vectors(texts), expected, atol=2e-3)
 
 
-def test_add_item_then_recommend_and_use_it_in_a_history(text_model):
-    platform, folder = text_model
+@pytest.mark.parametrize("which", ["text_model", "prior_model"])
+def test_add_item_then_recommend_and_use_it_in_a_history(which, request):
+    platform, folder = request.getfixturevalue(which)
     served = load_model(folder)
     served.add_item("new-boots", NEW_TEXT)
     assert served.num_items == platform.split.num_items + 1
     assert served.items(offset=served.num_items - 1, limit=5) == [{"item": "new-boots", "text": NEW_TEXT}]
     seq, ids = _history(platform)
     assert "new-boots" in {r["item"] for r in served.recommend(ids, k=served.num_items)}
-    # in process: the trained table plus the new text's theta-weighted projection, scored by Recommender.score
+    # in process: the trained table plus the new text's theta-weighted projection (and, with the text prior, its
+    # normalised text vector), scored by Recommender.score
     model = platform.model
     encoder = model.encoder
     with torch.no_grad():
         text = encoder.encode_catalogue(encoder.item_states([NEW_TEXT]))[1]
-        table = torch.cat([model.item_vectors(), (model.head.theta() * model.head.text_proj(text))[None]])
+        table = torch.cat([model.item_vectors(), model.head.text_vectors(text)[None]])
     new_index = served.num_items
     expected = model.score([np.append(seq, new_index)], items=table)[0]
     got = served.recommend(ids + ["new-boots"], k=5, exclude_seen=False)

@@ -7,6 +7,8 @@ epoch (the model does it when it enters training, and before scoring) without gr
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,11 +41,13 @@ class Recommender(nn.Module):
                 self.head.rating_offset.fill_(float(np.nanmean(rated)))
         self._text_table: torch.Tensor | None = None
         self._table_version = -1
-        if self.head.prior:  # the zero-shot ranking's recency weight, chosen on this split's validation targets
-            from common.baselines import best_decay
+        if self.head.prior:  # the zero-shot recency weight (validation targets) and scale (training items)
+            from common.baselines import best_decay, prior_scale
 
             table = F.normalize(self.text_table().detach().float().cpu(), dim=-1)
             self.head.prior_decay.fill_(best_decay(split, table, self.max_len))
+            self.head.prior_scale.data.fill_(math.log(prior_scale(split, table, self.head.prior_decay.item(),
+                                                                  self.max_len)))
         self.eval()  # built for scoring: dropout is on only inside a training epoch (common/train.py)
 
     # -- catalogue ---------------------------------------------------------------------------------
