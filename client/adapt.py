@@ -36,7 +36,7 @@ from client.export import export_model
 from common import cli
 from common.checks import check_tensors, read_adapter, shapes
 from common.cli import add_debug_flag
-from common.config import PollenConfig, add_flags, from_args
+from common.config import NEWCOMER, PollenConfig, add_flags, from_args
 from common.errors import ConfigError, FileProblem, printable_path
 from common.preflight import check_settings
 from common.data.sources import load_split
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in --export-dir")
     add_debug_flag(parser)
-    add_flags(parser, scopes=("model",))  # no federation, no data-dir: --data-path
+    add_flags(parser, PollenConfig().replace(**NEWCOMER), scopes=("model",))  # no federation, no data-dir: --data-path
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")

@@ -12,7 +12,9 @@ epoch budget and are tested on the same users (every user of the platform):
 - pretrained: the plain pretrained model with a fresh LoRA + a fresh head (at 100% this is the local-only model);
 - sasrec-id: scratch ID-only SASRec (text = false).
 
-Each run keeps its best validation epoch (validation on its own training users). Time-to-quality: wall minutes
+The newcomer's heads use the text prior by default (``text-prior``, common/config.py ``NEWCOMER``): an untrained
+head ranks like MiniLM zero-shot, and that start is a candidate of model selection. Each run keeps its best
+validation epoch (validation on its own training users), the start included. Time-to-quality: wall minutes
 of training (per-epoch timestamps, validation included, item-state cache excluded) until a run's validation
 NDCG@10 on all users (100% runs) first reaches the local-only model's best validation NDCG@10. At 100% the
 test metrics are also given under Recformer's convention (history not masked, ties in the target's favour).
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 
 from common import cli
-from common.config import PollenConfig, add_flags, from_args
+from common.config import NEWCOMER, PollenConfig, add_flags, from_args
 from common.errors import ConfigError
 from common.preflight import add_run_flags, preflight
 from common.data.sources import load_split
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
     parser.add_argument("--merge", nargs="+", default=[], metavar="DIR",
                         help="combine the transfer.json of these run folders into --run-dir instead of running")
-    add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data"}))
+    add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data", **NEWCOMER}))
     add_run_flags(parser)
     args = parser.parse_args(argv)
     if args.merge:
