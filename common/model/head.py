@@ -8,9 +8,9 @@ explicit rating a user gives the next item (the seed's MSE example).
 With ``text-prior`` every score also holds the zero-shot text ranking, and the learned part starts at zero (the
 sequence encoder's output scale is zero-initialised, ReZero-style): an untrained head ranks exactly like MiniLM
 zero-shot, and training moves away from it only as far as validation rewards. An item vector is then
-``[fused vector | normalised text vector]`` and a user state ``[sequence state | scale x normalised
-recency-weighted mean of the history's text vectors]``, so one dot product gives both terms and scoring, export
-and serving stay the same code.
+``[fused vector | normalised text vector]`` and a user state ``[sequence state | normalised
+recency-weighted mean of the history's text vectors]``, ``similarity`` adds the two terms, and scoring,
+export and serving stay the same code.
 """
 
 from __future__ import annotations
@@ -117,13 +117,17 @@ class RecommendationHead(nn.Module):
 
     def similarity(self, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Logits [..., n] of user states [..., d] against item vectors [..., n, d]: a dot product, or with a
-        temperature the cosine / temperature (UniSRec) of the learned parts, which keeps text vectors of any norm
-        on one scale (the text prior's part is a cosine already)."""
+        temperature the cosine / temperature (UniSRec), which keeps text vectors of any norm on one scale; plus
+        the text prior's scale x cosine. The prior's cosines are a product of constants (the frozen text), so
+        autograd keeps them for the scale's gradient and runs no 384-wide backward."""
+        w = self.width
+        user, item = states[..., :w], items[..., :w]
         if self.temperature:
-            w = self.width
-            states = torch.cat([F.normalize(states[..., :w], dim=-1) / self.temperature, states[..., w:]], -1)
-            items = torch.cat([F.normalize(items[..., :w], dim=-1), items[..., w:]], -1)
-        return states @ items.transpose(-1, -2)
+            user, item = F.normalize(user, dim=-1) / self.temperature, F.normalize(item, dim=-1)
+        logits = user @ item.transpose(-1, -2)
+        if self.prior:
+            logits = logits + self.prior_scale.exp() * (states[..., w:] @ items[..., w:].transpose(-1, -2))
+        return logits
 
     def user_states(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """The user state after every position of right-aligned sequences [B, L] -> [B, L, item_width]."""
@@ -137,8 +141,8 @@ class RecommendationHead(nn.Module):
 
     def _with_prior(self, states: torch.Tensor, sequences: torch.Tensor, items: torch.Tensor, last: bool
                     ) -> torch.Tensor:
-        """Append the text prior's user part: the scaled, normalised mean of the history's normalised text
-        vectors, weighted decay^age (the latest item age 0), as ``common.baselines.zero_shot_scorer`` ranks."""
+        """Append the text prior's user part: the normalised mean of the history's normalised text vectors,
+        weighted decay^age (the latest item age 0), as ``common.baselines.zero_shot_scorer`` ranks."""
         if not self.prior:
             return states
         text = items[..., self.width:][sequences]  # [B, L, k]; padding rows are zero
@@ -149,7 +153,7 @@ class RecommendationHead(nn.Module):
             age = position[:, None] - position[None, :]
             weights = torch.where(age >= 0, self.prior_decay ** age.clamp(min=0).to(text.dtype), 0.0)
             mean = torch.einsum("ts,bsk->btk", weights, text)
-        return torch.cat([states, self.prior_scale.exp() * F.normalize(mean, dim=-1)], -1)
+        return torch.cat([states, F.normalize(mean, dim=-1)], -1)
 
 
 class SharedHead(nn.Module):
