@@ -63,7 +63,7 @@ def prior_scale(split: SplitData, items: torch.Tensor, decay: float, window: int
     worse than a uniform guess on Amazon Office (9.4 vs 7.7 nats), and training never recovered from it."""
     pairs = [(s[:-1], s[-1]) for s in split.train_sequences()[:users] if len(s) >= 2]
     if not pairs:
-        return 1.0 / 0.07
+        return 1.0
     cosines = _cosine_scorer(items, decay, window)([h for h, _ in pairs])[:, 1:]
     targets = torch.tensor([t - 1 for _, t in pairs])
     return min(SCALES, key=lambda scale: F.cross_entropy(scale * cosines, targets).item())

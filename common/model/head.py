@@ -24,9 +24,6 @@ from torch import nn
 from common.config import DataConfig, ModelConfig
 
 
-PRIOR_TEMPERATURE = 0.07  # the text prior's starting scale is 1 / this (UniSRec's cosine temperature)
-
-
 class RecommendationHead(nn.Module):
     """Item vectors (text through the shared adaptor, fused with private IDs) and the shared user encoder.
 
@@ -43,8 +40,9 @@ class RecommendationHead(nn.Module):
         self.width = d  # of the learned part of item vectors and user states
         self.prior = bool(text_dim) and model.text_prior
         if self.prior:
-            self.prior_scale = nn.Parameter(torch.tensor(math.log(1 / PRIOR_TEMPERATURE)))  # log of the scale
-            self.register_buffer("prior_decay", torch.tensor(0.5))  # recency weight; set from validation
+            # log of the prior's scale and its recency weight, both set from the platform's data by Recommender
+            self.prior_scale = nn.Parameter(torch.zeros(()))
+            self.register_buffer("prior_decay", torch.tensor(0.5))
         self.shared = shared if shared is not None else SharedHead(text_dim, model, data.max_len)
         self.temperature = model.temperature
         self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0) if model.item_ids else None
