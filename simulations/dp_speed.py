@@ -7,6 +7,8 @@ pass over the users, ``batch-size`` users expected per step, all of each one's w
 vmap-ed over users, clipped, noised; common/privacy.py), alternated ``--reps`` times on fresh trainers, the best
 of each kept. Both run through the same ``Trainer.epoch``. Reported per epoch and per training window, in CPU
 seconds of this thread (at 1 thread; wall seconds measure the neighbours on a shared machine) and wall seconds.
+On a CUDA GPU (``--device``, default auto) only wall seconds mean anything; the GPU's queue is drained before
+each clock stops.
 ``--max-steps`` caps both epochs for a quick figure (then per-window rates are the ones to compare). Writes
 dp_speed.json into --run-dir (default runs/dp-speed-<time>).
 """
@@ -26,7 +28,7 @@ from common.data.sources import load_split, platform_names
 from common.files import resolve_run_dir, write_json
 from common.model.encoder import TextEncoder, cached_item_states
 from common.model.recommender import Recommender
-from common.runtime import configure_threads, default_cache_dir
+from common.runtime import configure_threads, default_cache_dir, resolve_device
 from common.train import Platform, Trainer
 
 
@@ -34,17 +36,19 @@ def clock():
     return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
 
 
-def timed_epoch(split, states, config: PollenConfig) -> dict[str, float]:
+def timed_epoch(split, states, config: PollenConfig, device: torch.device) -> dict[str, float]:
     """One epoch of a fresh trainer: CPU and wall seconds, windows trained, steps."""
     torch.manual_seed(config.train.seed)
-    encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len)
-    model = Recommender(split, config, encoder, states)
+    encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len).to(device)
+    model = Recommender(split, config, encoder, states).to(device)
     trainer = Trainer([Platform(split, model)], encoder, config)
     model.refresh_text_table()  # the catalogue table is made once per adapter version, outside the timing
     plan = trainer.batch_plan()
     trainer.batch_plan = lambda: plan  # the same plan the timed epoch runs (DP: the sampled users)
     start, start_cpu = time.perf_counter(), clock()
     trainer.epoch()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return {"cpu_s": clock() - start_cpu, "wall_s": time.perf_counter() - start,
             "windows": int(sum(len(idx) for _, idx in plan)), "steps": len(plan)}
 
@@ -60,10 +64,12 @@ def main() -> None:
         config = config.replace(**{"dp-noise": 1.0})
     plain = config.replace(**{"dp-noise": 0.0, "dp-epsilon": 0.0})
     threads = configure_threads(config.train.threads)
+    device = resolve_device(config.train.device)
     run_dir = resolve_run_dir(config.federation.run_dir, "dp-speed")
     run_dir.mkdir(parents=True, exist_ok=True)
+    clock_key = "wall_s" if device.type == "cuda" else "cpu_s"
     names = [args.platform] if args.platform else platform_names(config.data)
-    out = {"threads": threads, "config": config.to_flat(), "platforms": {},
+    out = {"threads": threads, "device": str(device), "config": config.to_flat(), "platforms": {},
            "clock": "CPU seconds of this thread at 1 thread (else of the process), and wall seconds"}
     encoder = TextEncoder(config.model, seed=config.train.seed, max_len=config.data.max_len)
     for name in names:
@@ -71,20 +77,22 @@ def main() -> None:
         states = cached_item_states(encoder, split.item_texts, default_cache_dir())
         runs = {"plain": [], "dp": []}
         for _ in range(args.reps):
-            runs["plain"].append(timed_epoch(split, states, plain))
-            runs["dp"].append(timed_epoch(split, states, config))
-        best = {k: min(v, key=lambda r: r["cpu_s"]) for k, v in runs.items()}
+            runs["plain"].append(timed_epoch(split, states, plain, device))
+            runs["dp"].append(timed_epoch(split, states, config, device))
+        best = {k: min(v, key=lambda r: r[clock_key]) for k, v in runs.items()}
         per_window = {k: {c: r[c] / max(1, r["windows"]) for c in ("cpu_s", "wall_s")} for k, r in best.items()}
         result = {"runs": runs, "best": best, "per_window": per_window,
                   "ratio_epoch_cpu": best["dp"]["cpu_s"] / best["plain"]["cpu_s"],
                   "ratio_epoch_wall": best["dp"]["wall_s"] / best["plain"]["wall_s"],
-                  "ratio_per_window_cpu": per_window["dp"]["cpu_s"] / per_window["plain"]["cpu_s"]}
+                  "ratio_per_window_cpu": per_window["dp"]["cpu_s"] / per_window["plain"]["cpu_s"],
+                  "ratio_per_window_wall": per_window["dp"]["wall_s"] / per_window["plain"]["wall_s"]}
         out["platforms"][name] = result
         print(f"{name}: plain epoch {best['plain']['cpu_s']:.2f} CPU-s / {best['plain']['wall_s']:.2f} wall-s "
               f"({best['plain']['steps']} steps, {best['plain']['windows']} windows); DP epoch "
               f"{best['dp']['cpu_s']:.2f} CPU-s / {best['dp']['wall_s']:.2f} wall-s ({best['dp']['steps']} steps, "
               f"{best['dp']['windows']} windows); DP / plain: epoch {result['ratio_epoch_cpu']:.2f}x CPU "
-              f"({result['ratio_epoch_wall']:.2f}x wall), per window {result['ratio_per_window_cpu']:.2f}x CPU",
+              f"({result['ratio_epoch_wall']:.2f}x wall), per window {result['ratio_per_window_cpu']:.2f}x CPU "
+              f"({result['ratio_per_window_wall']:.2f}x wall)",
               flush=True)
     write_json(run_dir / "dp_speed.json", out)
     print(f"wrote {run_dir / 'dp_speed.json'}")
