@@ -634,13 +634,14 @@ def _parser() -> argparse.ArgumentParser:
     rec = commands.add_parser("recommend", help="print the top-k items after a history (JSON lines)")
     rec.add_argument("--model", required=True, help="folder written by client.export.export_model")
     rec.add_argument("--history", required=True, help="comma-separated item ids, oldest first")
-    rec.add_argument("--k", type=int, default=10)
+    rec.add_argument("--k", type=int, default=10, help="how many items to recommend (default 10)")
     rec.add_argument("--include-seen", action="store_true", help="allow items already in the history")
     rec.add_argument("--table", action="store_true", help="an aligned table instead of JSON lines")
     web = commands.add_parser("http", help="run the HTTP API (FastAPI + uvicorn)")
-    web.add_argument("--model", required=True)
-    web.add_argument("--host", default="127.0.0.1")
-    web.add_argument("--port", type=int, default=8000)
+    web.add_argument("--model", required=True, help="folder written by client.export.export_model")
+    web.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1: this host only; 0.0.0.0 for all interfaces)")
+    web.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     web.add_argument("--token", default=None,
                      help=f"bearer token POST /items requires (default: env {TOKEN_ENV}; unset = no token). "
                           f"Prefer the environment variable: a command line is visible to other users (ps)")

@@ -53,9 +53,11 @@ def run_size(per_platform: int, rounds: int, run_dir: Path, extra: list[str]) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m simulations.scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients-per-platform-list", default="1,4,10")
-    parser.add_argument("--num-rounds", type=int, default=2)
-    parser.add_argument("--out", default=f"runs/scale-{time.strftime('%Y%m%d-%H%M%S')}")
+    parser.add_argument("--clients-per-platform-list", default="1,4,10",
+                        help="silos per platform to measure, comma-separated (default 1,4,10)")
+    parser.add_argument("--num-rounds", type=int, default=2, help="federated rounds per measurement (default 2)")
+    parser.add_argument("--out", default=f"runs/scale-{time.strftime('%Y%m%d-%H%M%S')}",
+                        help="folder for scale.json and each measurement's run (default runs/scale-<time>)")
     args, extra = parser.parse_known_args()  # anything else goes to simulations.run
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,19 @@ def test_run_help_lists_every_setting_and_imports_no_model_library():
     assert not imported & {"torch", "transformers", "peft", "flwr", "ray", "pandas"}, imported
 
 
+def test_every_command_line_flag_has_help():
+    """The commands' own flags (beside the config table's) say what they do in --help."""
+    import ast
+
+    silent = []
+    for path in sorted(p for floor in ("client", "server", "common", "simulations") for p in (ROOT / floor).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
+                    and not any(k.arg == "help" for k in node.keywords)):
+                silent.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not silent, silent
+
+
 def test_adapt_help_shows_only_the_settings_it_uses():
     result = _help("client.adapt")
     assert result.returncode == 0, result.stderr
