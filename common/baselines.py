@@ -54,6 +54,10 @@ def best_decay(split: SplitData, items: torch.Tensor, window: int) -> float:
 
 
 SCALES = tuple(2.0 ** (k / 2) for k in range(-2, 13))  # text prior scales tried by prior_scale: 0.5 .. 64
+# Under user-level DP the prior's recency weight and starting scale are these public constants, not fitted on
+# the platform's users (the scale is then trained, clipped and noised like every parameter). The values are the
+# middle of what best_decay / prior_scale chose on five platforms (decay 0.3-1.0, scale 4-8).
+PUBLIC_PRIOR = (0.5, 2.0 ** 2.5)
 
 
 def prior_scale(split: SplitData, items: torch.Tensor, decay: float, window: int, users: int = 2000) -> float:

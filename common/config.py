@@ -272,8 +272,6 @@ class PollenConfig:
             (self.model.text or self.model.item_ids, "a model needs text or item-ids"),
             (self.model.rating_weight >= 0, "rating-weight must be >= 0"),
             (self.model.text or not self.model.text_prior, "text-prior needs text = true"),
-            (not (self.model.text_prior and self.privacy.dp),
-             "text-prior is not available under DP (dp-epsilon / dp-noise > 0) yet: set text-prior = false"),
             (self.train.local_epochs >= 1, "local-epochs must be >= 1"),
             (self.train.batch_size >= 1, "batch-size must be >= 1"),
             (self.train.max_steps >= 0, "max-steps must be >= 0"),

@@ -182,7 +182,13 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     names = parameter_names(loss, direct)
     items, pull, through_names = item_table(model, through)
 
+    # with the text prior the table's last columns are the catalogue's normalised text, constants: only the
+    # learned columns get a per-user gradient (the prior's would make it 7x wider and is never used)
+    width = model.head.width
+    items, prior = items[..., :width], (items[..., width:] if model.head.prior else None)
+
     def user_loss(weights, table, x, y, r):
+        table = torch.cat([table, prior], -1) if prior is not None else table
         return functional_call(loss, weights, (table, x, y, r, negatives))
 
     step = vmap(grad_and_value(user_loss, argnums=(0, 1)),
@@ -226,7 +232,10 @@ def item_table(model, through: list[torch.Tensor]) -> tuple[torch.Tensor, Callab
     module = ItemVectors(model.head)
     names = parameter_names(module, through)
     items, pull = vjp(lambda weights: functional_call(module, weights, (table,)), dict(zip(names, through)))
-    return items.detach(), pull, names
+    items = items.detach()
+    if model.head.prior:  # the prior's columns, constants: no VJP runs through them
+        items = torch.cat([items, model.head.prior_vectors(table)], -1)
+    return items, pull, names
 
 
 class ItemVectors(torch.nn.Module):
@@ -237,7 +246,7 @@ class ItemVectors(torch.nn.Module):
         self.head = head
 
     def forward(self, table):
-        return self.head.item_vectors(table)
+        return self.head.item_vectors(table)[..., :self.head.width]  # the prior's columns depend on no parameter
 
 
 class HeadLoss(torch.nn.Module):

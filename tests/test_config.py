@@ -32,7 +32,6 @@ def test_flags_round_trip():
     ({"text": False, "item-ids": False}, "a model needs text or item-ids"),
     ({"loss": "bpr"}, "loss must be 'softmax' or 'sampled'"),
     ({"text": False, "text-prior": True}, "text-prior needs text = true"),
-    ({"text-prior": True, "dp-epsilon": 8.0}, "text-prior is not available under DP"),
 ])
 def test_bad_values_are_named(table, message):
     with pytest.raises(ValueError) as error:

@@ -140,14 +140,23 @@ def sampled_step(trainer, users=6):
     return idx, trainer.batch(0, idx)
 
 
-def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_bert):
+@pytest.mark.parametrize("prior", [False, True])
+def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_bert, prior):
     """vmap(grad) of the masked per-user loss, then the batched pull-back from the item table to the adaptor,
-    theta and the ID table == autograd of Recommender.loss on each user's windows alone."""
+    theta and the ID table == autograd of Recommender.loss on each user's windows alone; with the text prior
+    too, whose constant columns take no per-user gradient and whose scale is trained (noised) like the rest,
+    from the public constants, not from the users' data."""
+    from common.baselines import PUBLIC_PRIOR
     from common.privacy import segments, split_parameters, user_gradients
 
     trainer, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 1.0, "dropout": 0.0, "rating-weight": 0.0,
-                                                     "max-len": 8})  # several windows per user
+                                                     "max-len": 8, "text-prior": prior})  # several windows per user
     model = trainer.platforms[0].model
+    if prior:
+        assert model.head.prior_decay.item() == PUBLIC_PRIOR[0]
+        assert model.head.prior_scale.exp().item() == pytest.approx(PUBLIC_PRIOR[1])
+        assert any(p is model.head.prior_scale for p in trainer.params)
+        model.head.shared.sequence.output_norm.weight.data.fill_(1.0)  # a learned part that is not zero yet
     model.train()
     idx, batch = sampled_step(trainer)
     users = segments(trainer.dp.owners[idx])

@@ -111,7 +111,12 @@ class RecommendationHead(nn.Module):
     def text_vectors(self, text: torch.Tensor) -> torch.Tensor:
         """The text part of item vectors: all an item never seen in training (no ID embedding) has."""
         out = self.theta() * self.text_proj(text)
-        return torch.cat([out, F.normalize(text, dim=-1)], -1) if self.prior else out
+        return torch.cat([out, self.prior_vectors(text)], -1) if self.prior else out
+
+    @staticmethod
+    def prior_vectors(text: torch.Tensor) -> torch.Tensor:
+        """The text prior's item columns: the frozen text vectors, normalised (no trained parameter)."""
+        return F.normalize(text, dim=-1)
 
     def similarity(self, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Logits [..., n] of user states [..., d] against item vectors [..., n, d]: a dot product, or with a

@@ -42,12 +42,16 @@ class Recommender(nn.Module):
         self._text_table: torch.Tensor | None = None
         self._table_version = -1
         if self.head.prior:  # the zero-shot recency weight (validation targets) and scale (training items)
-            from common.baselines import best_decay, prior_scale
+            from common.baselines import PUBLIC_PRIOR, best_decay, prior_scale
 
-            table = F.normalize(self.text_table().detach().float().cpu(), dim=-1)
-            self.head.prior_decay.fill_(best_decay(split, table, self.max_len))
-            self.head.prior_scale.data.fill_(math.log(prior_scale(split, table, self.head.prior_decay.item(),
-                                                                  self.max_len)))
+            if config.privacy.dp:  # fitted on users' data without noise, they would steer the noised updates
+                decay, scale = PUBLIC_PRIOR
+            else:
+                table = F.normalize(self.text_table().detach().float().cpu(), dim=-1)
+                decay = best_decay(split, table, self.max_len)
+                scale = prior_scale(split, table, decay, self.max_len)
+            self.head.prior_decay.fill_(decay)
+            self.head.prior_scale.data.fill_(math.log(scale))
         self.eval()  # built for scoring: dropout is on only inside a training epoch (common/train.py)
 
     # -- catalogue ---------------------------------------------------------------------------------
