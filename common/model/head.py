@@ -43,6 +43,9 @@ class RecommendationHead(nn.Module):
             # log of the prior's scale and its recency weight, both set from the platform's data by Recommender
             self.prior_scale = nn.Parameter(torch.zeros(()))
             self.register_buffer("prior_decay", torch.tensor(0.5))
+        # the prior's columns are functions of the frozen text alone unless LoRA adapts the encoder: then no
+        # gradient flows through them (one catalogue-wide product instead of three, per user under DP)
+        self.prior_constant = model.lora_layers == 0
         self.shared = shared if shared is not None else SharedHead(text_dim, model, data.max_len)
         self.temperature = model.temperature
         self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0) if model.item_ids else None
@@ -122,14 +125,18 @@ class RecommendationHead(nn.Module):
         """Logits [..., n] of user states [..., d] against item vectors [..., n, d]: a dot product, or with a
         temperature the cosine / temperature (UniSRec), which keeps text vectors of any norm on one scale; plus
         the text prior's scale x cosine. The prior's cosines are a product of constants (the frozen text), so
-        autograd keeps them for the scale's gradient and runs no 384-wide backward."""
+        autograd keeps them for the scale's gradient and runs no 384-wide backward (the slices are detached:
+        they are slices of tensors whose learned columns do need gradients)."""
         w = self.width
         user, item = states[..., :w], items[..., :w]
         if self.temperature:
             user, item = F.normalize(user, dim=-1) / self.temperature, F.normalize(item, dim=-1)
         logits = user @ item.transpose(-1, -2)
         if self.prior:
-            logits = logits + self.prior_scale.exp() * (states[..., w:] @ items[..., w:].transpose(-1, -2))
+            user, item = states[..., w:], items[..., w:]
+            if self.prior_constant:
+                user, item = user.detach(), item.detach()
+            logits = logits + self.prior_scale.exp() * (user @ item.transpose(-1, -2))
         return logits
 
     def user_states(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
