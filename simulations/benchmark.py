@@ -44,7 +44,9 @@ METHODS = ("popularity", "zero-shot", "federated", "sasrec-id", "local-only", "c
 # platform then fine-tuned alone from its selected pooled state (the ceiling of "federate, then personalise")
 OPTIONAL = ("local-only-lora", "centralised-finetuned")
 # Pollen's federation with privacy / aggregation settings changed (not run by default; name them in --methods)
-DP_RECIPE = {"item-ids": False}  # text-only under DP: noise on the ID table drowns it on sparse data (README)
+# under DP: text only (noise on the ID table drowns it on sparse data), and the text prior, so that an untrained
+# model is the zero-shot ranking and the noised steps only correct it (README, "Privacy and robustness")
+DP_RECIPE = {"item-ids": False, "text-prior": True}
 FEDERATED_VARIANTS = {"federated-ffa": {"aggregation": "ffa"},
                       **{f"federated-dp-eps{e}": {"dp-epsilon": float(e), **DP_RECIPE} for e in (1, 4, 8)}}
 BUDGET_EPOCHS = 100  # the benchmark's cap on epochs (rounds); early stopping on validation ends every run sooner
