@@ -40,7 +40,7 @@ class RecommendationHead(nn.Module):
         self.width = d  # of the learned part of item vectors and user states
         self.prior = bool(text_dim) and model.text_prior
         if self.prior:
-            # log of the prior's scale and its recency weight, both set from the platform's data by Recommender
+            # log of the prior's scale and its recency weight, set by Recommender (from the data; under DP public)
             self.prior_scale = nn.Parameter(torch.zeros(()))
             self.register_buffer("prior_decay", torch.tensor(0.5))
         # the prior's columns are functions of the frozen text alone unless LoRA adapts the encoder: then no
