@@ -32,7 +32,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.config import PollenConfig
 
-USER_CHUNK = 64  # users per vmap chunk: bounds the memory of per-user gradients on large catalogues
+# How per-user gradients are batched, by device: (window-length step, users per vmap chunk). Users are grouped by
+# their number of windows and their longest window rounded up to the step (None: by windows alone), and vmap-ed a
+# chunk at a time (the chunk bounds the memory of per-user gradients on large catalogues). A CPU gains from cutting
+# padding, at the price of more, smaller vmaps; a GPU is bound by kernel launches and wants few, large ones (H200,
+# DP recipe, DP / plain epoch wall time: (8, 64) 9-14x, (None, 1024) 3-8x).
+GROUPING = {"cpu": (8, 64), "cuda": (None, 1024)}
 
 
 class UserLevelDP:
@@ -164,14 +169,15 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     """Each user's gradient of its loss (``Recommender.items_loss`` over its windows) with respect to ``params``,
     stacked [U, *p.shape] in the order of ``users``, and the users' losses [U].
 
-    Two stages. (1) ``torch.func`` grad vmap-ed over users (``USER_CHUNK`` at a time; dropout drawn per user) of
+    Two stages. (1) ``torch.func`` grad vmap-ed over users (``GROUPING``; dropout drawn per user) of
     the loss with respect to the direct parameters (``split_parameters``) and the step's item table
     [num_items + 1, d]. (2) Each user's table gradient pulled back to the parameters the table is made of (text
     adaptor, theta, item IDs) by one vmap-ed VJP of ``item_vectors`` (``item_table``; its forward also gives the
     table of stage 1). Before, the adaptor ran over the whole catalogue inside the per-user gradient, forward and
     backward once per user (4-6x a plain epoch on Last.fm); the pull-back is the adaptor's backward alone,
     batched over users. The gradients are the same (tested).
-    ``users``: each user's rows of ``batch``. Users are grouped by their number of windows, one vmap per group:
+    ``users``: each user's rows of ``batch``. Users are grouped by their number of windows (and on a CPU their
+    window length, ``GROUPING``), one vmap per group:
     padding every user to the step's most windows cost 4-6x on catalogues of long histories, and one vmap over
     all windows (per-window gradients summed per user) was 1.4-2x slower than this (it materialises a table
     gradient per window instead of per user)."""
@@ -180,27 +186,28 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     loss = HeadLoss(model)
     through, direct = split_parameters(model, params)
     names = parameter_names(loss, direct)
-    items, pull, through_names = item_table(model, through)
-
-    # with the text prior the table's last columns are the catalogue's normalised text, constants: only the
-    # learned columns get a per-user gradient (the prior's would make it 7x wider and is never used)
-    width = model.head.width
-    items, prior = items[..., :width], (items[..., width:] if model.head.prior else None)
+    items, prior, pull, through_names = item_table(model, through)
 
     def user_loss(weights, table, x, y, r):
-        table = torch.cat([table, prior], -1) if prior is not None else table
-        return functional_call(loss, weights, (table, x, y, r, negatives))
+        return functional_call(loss, weights, (table, x, y, r, negatives, prior))
 
+    span_step, chunk = GROUPING.get(items.device.type, GROUPING["cuda"])
     step = vmap(grad_and_value(user_loss, argnums=(0, 1)),
                 in_dims=(None, None, 0, 0, 0 if batch[2] is not None else None),
-                randomness="different", chunk_size=USER_CHUNK)
-    sizes = np.array([len(u) for u in users])
+                randomness="different", chunk_size=chunk)
+    # group key: (windows, the user's longest window rounded up to span_step); windows are right-aligned and
+    # positions count from the right, so the leading columns that are padding in every window of a group are
+    # cut off exactly (on short histories most of a window is padding)
+    length = batch[0].shape[1]
+    used = ((batch[0] != 0) | (batch[1] > 0)).sum(1).cpu().numpy()
+    span_step = span_step or length
+    keys = np.array([(len(u), min(length, -(-used[u].max() // span_step) * span_step)) for u in users])
     grads: dict[str, list] = {name: [] for name in names}
     table_grads, losses, order = [], [], []
-    for size in np.unique(sizes):
-        group = np.flatnonzero(sizes == size)
+    for size, span in np.unique(keys, axis=0):
+        group = np.flatnonzero((keys == (size, span)).all(1))
         members = [users[i] for i in group]
-        inputs, targets, ratings = (per_user(t, members) if t is not None else None for t in batch)
+        inputs, targets, ratings = (per_user(t[:, -span:], members) if t is not None else None for t in batch)
         # the fused CPU attention kernels have no vmap batching rule (vmap would loop over users); the math
         # kernel is made of batched matmuls and softmax
         with sdpa_kernel(SDPBackend.MATH):
@@ -213,40 +220,42 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     back = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"))
     per_user_grads = {id(p): torch.cat(grads[name])[back] for name, p in zip(names, direct)}
     if through:  # each user's table gradient pulled back to the parameters the table is made of, in one vmap
-        pulled = vmap(lambda g: pull(g)[0], chunk_size=USER_CHUNK)(torch.cat(table_grads)[back])
+        pulled = vmap(lambda g: pull(g)[0], chunk_size=chunk)(torch.cat(table_grads)[back])
         per_user_grads.update((id(p), pulled[name]) for name, p in zip(through_names, through))
     return [per_user_grads[id(p)] for p in params], torch.cat(losses)[back]
 
 
-def item_table(model, through: list[torch.Tensor]) -> tuple[torch.Tensor, Callable | None, list[str]]:
-    """The step's item vectors [num_items + 1, d] (detached) and, when ``through`` (parameters of
-    ``item_vectors``) is not empty, the VJP that maps a gradient of them to gradients of ``through`` (a dict
-    keyed by the returned names): one forward of the adaptor serves both."""
+def item_table(model, through: list[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor | None, Callable | None, list[str]]:
+    """The step's item vectors, learned columns [num_items + 1, d] (detached), the text prior's columns (constants;
+    None without the prior: only the learned columns get a per-user gradient, the prior's would make it 7x wider
+    and is never used) and, when ``through`` (parameters of ``item_vectors``) is not empty, the VJP that maps a
+    gradient of the learned columns to gradients of ``through`` (a dict keyed by the returned names): one forward
+    of the adaptor serves both."""
     from torch.func import functional_call, vjp
 
     table = model.text_table()
     table = table.detach() if table is not None else None
+    prior = model.head.prior_vectors(table) if model.head.prior else None
     if not through:
         with torch.no_grad():
-            return model.head.item_vectors(table), None, []
+            return model.head.item_vectors(table, with_prior=False), prior, None, []
     module = ItemVectors(model.head)
     names = parameter_names(module, through)
     items, pull = vjp(lambda weights: functional_call(module, weights, (table,)), dict(zip(names, through)))
-    items = items.detach()
-    if model.head.prior:  # the prior's columns, constants: no VJP runs through them
-        items = torch.cat([items, model.head.prior_vectors(table)], -1)
-    return items, pull, names
+    return items.detach(), prior, pull, names
 
 
 class ItemVectors(torch.nn.Module):
-    """``RecommendationHead.item_vectors`` as a module's forward, for ``torch.func.functional_call``."""
+    """The learned columns of ``RecommendationHead.item_vectors`` as a module's forward, for
+    ``torch.func.functional_call``."""
 
     def __init__(self, head):
         super().__init__()
         self.head = head
 
     def forward(self, table):
-        return self.head.item_vectors(table)[..., :self.head.width]  # the prior's columns depend on no parameter
+        return self.head.item_vectors(table, with_prior=False)
 
 
 class HeadLoss(torch.nn.Module):

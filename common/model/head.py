@@ -103,59 +103,72 @@ class RecommendationHead(nn.Module):
             return 1.0
         return torch.sigmoid(self.theta_logit) if self.theta_logit is not None else self.fixed_theta
 
-    def item_vectors(self, text: torch.Tensor | None) -> torch.Tensor:
-        """[num_items + 1, d] from the catalogue's text vectors [num_items + 1, text_dim] (row 0 = padding)."""
-        out = self.text_vectors(text) if self.text_proj is not None else 0.0
+    def item_vectors(self, text: torch.Tensor | None, with_prior: bool = True) -> torch.Tensor:
+        """[num_items + 1, item_width] from the catalogue's text vectors [num_items + 1, text_dim] (row 0 =
+        padding); ``with_prior=False``: the learned columns alone [num_items + 1, width] (what DP differentiates)."""
+        out = self.theta() * self.text_proj(text) if self.text_proj is not None else 0.0
         if self.item_emb is not None:
-            ids = (1.0 - self.theta()) * self.item_emb.weight
-            out = out + (F.pad(ids, (0, self.item_width - self.width)) if self.prior else ids)
-        return out
+            out = out + (1.0 - self.theta()) * self.item_emb.weight
+        return self._append_prior(out, text) if with_prior else out
 
     def text_vectors(self, text: torch.Tensor) -> torch.Tensor:
         """The text part of item vectors: all an item never seen in training (no ID embedding) has."""
-        out = self.theta() * self.text_proj(text)
-        return torch.cat([out, self.prior_vectors(text)], -1) if self.prior else out
+        return self._append_prior(self.theta() * self.text_proj(text), text)
+
+    def _append_prior(self, learned: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat([learned, self.prior_vectors(text)], -1) if self.prior else learned
 
     @staticmethod
     def prior_vectors(text: torch.Tensor) -> torch.Tensor:
         """The text prior's item columns: the frozen text vectors, normalised (no trained parameter)."""
         return F.normalize(text, dim=-1)
 
-    def similarity(self, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def similarity(self, states: torch.Tensor, items: torch.Tensor, prior: torch.Tensor | None = None
+                   ) -> torch.Tensor:
         """Logits [..., n] of user states [..., d] against item vectors [..., n, d]: a dot product, or with a
         temperature the cosine / temperature (UniSRec), which keeps text vectors of any norm on one scale; plus
         the text prior's scale x cosine. The prior's cosines are a product of constants (the frozen text), so
         autograd keeps them for the scale's gradient and runs no 384-wide backward (the slices are detached:
-        they are slices of tensors whose learned columns do need gradients)."""
+        they are slices of tensors whose learned columns do need gradients).
+        ``prior``: the prior's item columns given apart, ``items`` then holding the learned ones alone (DP takes
+        per-user gradients of the learned table: slicing one wide table would make each user's gradient as wide
+        as the whole table, 7x the work)."""
         w = self.width
-        user, item = states[..., :w], items[..., :w]
+        user, (item, item_text) = states[..., :w], self._columns(items, prior)
         if self.temperature:
             user, item = F.normalize(user, dim=-1) / self.temperature, F.normalize(item, dim=-1)
         logits = user @ item.transpose(-1, -2)
         if self.prior:
-            user, item = states[..., w:], items[..., w:]
+            user = states[..., w:]
             if self.prior_constant:
-                user, item = user.detach(), item.detach()
-            logits = logits + self.prior_scale.exp() * (user @ item.transpose(-1, -2))
+                user, item_text = user.detach(), item_text.detach()
+            logits = logits + self.prior_scale.exp() * (user @ item_text.transpose(-1, -2))
         return logits
 
-    def user_states(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """The user state after every position of right-aligned sequences [B, L] -> [B, L, item_width]."""
-        states = self.shared.sequence(sequences, items[..., :self.width])
-        return self._with_prior(states, sequences, items, last=False)
+    def user_states(self, sequences: torch.Tensor, items: torch.Tensor, prior: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """The user state after every position of right-aligned sequences [B, L] -> [B, L, item_width]
+        (``prior`` as in ``similarity``)."""
+        items, text = self._columns(items, prior)
+        return self._with_prior(self.shared.sequence(sequences, items), sequences, text, last=False)
 
     def last_states(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """The user state after each whole sequence [B, item_width]: what ranking needs (eval mode)."""
-        states = self.shared.sequence.last_state(sequences, items[..., :self.width])
-        return self._with_prior(states, sequences, items, last=True)
+        items, text = self._columns(items)
+        return self._with_prior(self.shared.sequence.last_state(sequences, items), sequences, text, last=True)
 
-    def _with_prior(self, states: torch.Tensor, sequences: torch.Tensor, items: torch.Tensor, last: bool
+    def _columns(self, items: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(learned columns, text prior's columns) of item vectors, given together or apart."""
+        return (items, prior) if prior is not None else (items[..., :self.width], items[..., self.width:])
+
+    def _with_prior(self, states: torch.Tensor, sequences: torch.Tensor, text: torch.Tensor, last: bool
                     ) -> torch.Tensor:
-        """Append the text prior's user part: the normalised mean of the history's normalised text vectors,
-        weighted decay^age (the latest item age 0), as ``common.baselines.zero_shot_scorer`` ranks."""
+        """Append the text prior's user part: the normalised mean of the history's normalised text vectors
+        ``text`` [num_items + 1, k], weighted decay^age (the latest item age 0), as
+        ``common.baselines.zero_shot_scorer`` ranks."""
         if not self.prior:
             return states
-        text = items[..., self.width:][sequences]  # [B, L, k]; padding rows are zero
+        text = text[sequences]  # [B, L, k]; padding rows are zero
         position = torch.arange(sequences.shape[1], device=text.device)
         if last:
             mean = torch.einsum("s,bsk->bk", self.prior_decay ** (position[-1] - position).to(text.dtype), text)

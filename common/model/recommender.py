@@ -110,17 +110,23 @@ class Recommender(nn.Module):
         return self.items_loss(self.head.item_vectors(table), inputs, targets, ratings, negatives)
 
     def items_loss(self, items: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
-                   ratings: torch.Tensor | None = None, negatives: torch.Tensor | None = None) -> torch.Tensor:
-        """``forward`` from the item vectors [num_items + 1, d] (DP takes per-user gradients of those)."""
-        states = self.head.user_states(inputs, items)
+                   ratings: torch.Tensor | None = None, negatives: torch.Tensor | None = None,
+                   prior: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward`` from the item vectors [num_items + 1, d] (DP takes per-user gradients of those, and passes
+        the text prior's constant columns apart as ``prior``: ``RecommendationHead.similarity``)."""
+        states = self.head.user_states(inputs, items, prior)
+
+        def similarity(states, index):
+            return self.head.similarity(states, items[index], None if prior is None else prior[index])
+
         keep = (targets > 0).to(states.dtype)
         count = keep.sum().clamp(min=1.0)
         if negatives is None:
-            logits = self.head.similarity(states, items[1:])
+            logits = similarity(states, slice(1, None))
             nll = F.cross_entropy(logits.flatten(0, -2), (targets - 1).clamp(min=0).flatten(), reduction="none")
         else:
-            positive = (self.head.similarity(states[..., None, :], items[targets][..., None, :])).squeeze(-1)
-            negative = self.head.similarity(states, items[negatives])
+            positive = similarity(states[..., None, :], targets[..., None]).squeeze(-1)
+            negative = similarity(states, negatives)
             negative = negative.masked_fill(negatives == targets[..., None], float("-inf"))
             nll = -torch.log_softmax(torch.cat([positive, negative], -1), -1)[..., 0].flatten()
         loss = (nll * keep.flatten()).sum() / count
