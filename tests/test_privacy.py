@@ -134,20 +134,26 @@ def build_frozen(split, tiny_bert, **flat):
     return build(split, tiny_bert, **{"lora-layers": 0, **flat})
 
 
-def sampled_step(trainer, users=6):
-    """The windows and batch of the first ``users`` users, as a DP step gives them to the plug-in."""
-    idx = np.concatenate(trainer.dp.users[:users])
+def sampled_step(trainer, users=range(6)):
+    """The windows and batch of ``users`` (indices), as a DP step gives them to the plug-in."""
+    idx = np.concatenate([trainer.dp.users[u] for u in users])
     return idx, trainer.batch(0, idx)
 
 
+@pytest.mark.parametrize("grouping", [(8, 64), (2, 3), (None, 1024)], ids=["cpu", "short-spans", "gpu"])
 @pytest.mark.parametrize("prior", [False, True])
-def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_bert, prior):
+def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_bert, prior, grouping, monkeypatch):
     """vmap(grad) of the masked per-user loss, then the batched pull-back from the item table to the adaptor,
     theta and the ID table == autograd of Recommender.loss on each user's windows alone; with the text prior
     too, whose constant columns take no per-user gradient and whose scale is trained (noised) like the rest,
-    from the public constants, not from the users' data."""
+    from the public constants, not from the users' data. Under every grouping of users (``GROUPING``): windows
+    cut to their group's used length (2: several lengths of 8), vmap chunks smaller than a group, one group per
+    number of windows (a GPU's)."""
+    from common import privacy
     from common.baselines import PUBLIC_PRIOR
     from common.privacy import segments, split_parameters, user_gradients
+
+    monkeypatch.setitem(privacy.GROUPING, "cpu", grouping)
 
     trainer, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 1.0, "dropout": 0.0, "rating-weight": 0.0,
                                                      "max-len": 8, "text-prior": prior})  # several windows per user
@@ -158,7 +164,12 @@ def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_b
         assert any(p is model.head.prior_scale for p in trainer.params)
         model.head.shared.sequence.output_norm.weight.data.fill_(1.0)  # a learned part that is not zero yet
     model.train()
-    idx, batch = sampled_step(trainer)
+    everyone = range(len(trainer.dp.users))
+    idx, (inputs, targets, _) = sampled_step(trainer, everyone)
+    used = ((inputs != 0) | (targets > 0)).sum(1).numpy()
+    longest = [used[rows].max() for rows in segments(trainer.dp.owners[idx])]  # each user's longest window
+    short = [u for u in everyone if longest[u] <= 5][:2]
+    idx, batch = sampled_step(trainer, [0, 1, 2, 3, *short])  # 2 or 1 windows of 8, and users whose span is cut
     users = segments(trainer.dp.owners[idx])
     assert len(users) == 6 and len({len(u) for u in users}) > 1  # several groups of window counts
     through, direct = split_parameters(model, trainer.params)
@@ -238,7 +249,7 @@ def test_each_user_moves_the_clipped_sum_by_at_most_the_clip_vectorised(split, t
     trainer, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 1.0, "dp-clip": 0.05})
     model = trainer.platforms[0].model
     model.train()
-    idx, batch = sampled_step(trainer, users=8)
+    idx, batch = sampled_step(trainer, users=range(8))
     users = segments(trainer.dp.owners[idx])
     grads, _ = user_gradients(model, trainer.params, users, batch)
     norms = torch.sqrt(sum(g.reshape(len(g), -1).pow(2).sum(1) for g in grads))
