@@ -32,12 +32,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.config import PollenConfig
 
-# How per-user gradients are batched, by device: (window-length step, users per vmap chunk). Users are grouped by
-# their number of windows and their longest window rounded up to the step (None: by windows alone), and vmap-ed a
-# chunk at a time (the chunk bounds the memory of per-user gradients on large catalogues). A CPU gains from cutting
-# padding, at the price of more, smaller vmaps; a GPU is bound by kernel launches and wants few, large ones (H200,
-# DP recipe, DP / plain epoch wall time: (8, 64) 9-14x, (None, 1024) 3-8x).
-GROUPING = {"cpu": (8, 64), "cuda": (None, 1024)}
+# How per-user gradients are batched, by device: (window-length step, logits per vmap chunk). Users are grouped by
+# their number of windows and their longest window rounded up to the step (None: by windows alone), and vmap-ed as
+# many at a time as keep a chunk's logits (users x windows x length x candidates) within the budget: per-user
+# gradients on a large catalogue and long histories are what fills the memory (a Last.fm client held 5 GB with 64
+# users a chunk). A CPU gains from cutting padding, at the price of more, smaller vmaps; a GPU is bound by kernel
+# launches and wants few, large ones (H200, DP recipe, DP / plain epoch wall time: CPU grouping 9-14x, GPU 3-8x).
+GROUPING = {"cpu": (8, 2 ** 25), "cuda": (None, 2 ** 31)}
 
 
 class UserLevelDP:
@@ -191,10 +192,13 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     def user_loss(weights, table, x, y, r):
         return functional_call(loss, weights, (table, x, y, r, negatives, prior))
 
-    span_step, chunk = GROUPING.get(items.device.type, GROUPING["cuda"])
-    step = vmap(grad_and_value(user_loss, argnums=(0, 1)),
-                in_dims=(None, None, 0, 0, 0 if batch[2] is not None else None),
-                randomness="different", chunk_size=chunk)
+    def step(chunk):
+        return vmap(grad_and_value(user_loss, argnums=(0, 1)),
+                    in_dims=(None, None, 0, 0, 0 if batch[2] is not None else None),
+                    randomness="different", chunk_size=chunk)
+
+    span_step, budget = GROUPING.get(items.device.type, GROUPING["cuda"])
+    candidates = len(items) - 1 if negatives is None else 1 + len(negatives)
     # group key: (windows, the user's longest window rounded up to span_step); windows are right-aligned and
     # positions count from the right, so the leading columns that are padding in every window of a group are
     # cut off exactly (on short histories most of a window is padding)
@@ -202,8 +206,8 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     used = ((batch[0] != 0) | (batch[1] > 0)).sum(1).cpu().numpy()
     span_step = span_step or length
     keys = np.array([(len(u), min(length, -(-used[u].max() // span_step) * span_step)) for u in users])
-    grads: dict[str, list] = {name: [] for name in names}
-    table_grads, losses, order = [], [], []
+    grads: dict[str, list] = {name: [] for name in names + through_names}
+    losses, order = [], []
     for size, span in np.unique(keys, axis=0):
         group = np.flatnonzero((keys == (size, span)).all(1))
         members = [users[i] for i in group]
@@ -211,17 +215,18 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
         # the fused CPU attention kernels have no vmap batching rule (vmap would loop over users); the math
         # kernel is made of batched matmuls and softmax
         with sdpa_kernel(SDPBackend.MATH):
-            (part, table_part), part_losses = step(dict(zip(names, direct)), items, inputs, targets, ratings)
-        for name in names:
+            chunk = max(1, budget // (size * span * candidates))
+            (part, table_part), part_losses = step(chunk)(dict(zip(names, direct)), items, inputs, targets, ratings)
+        if through:  # each user's table gradient pulled back to the parameters the table is made of, group by
+            # group (the users' table gradients together would be the largest tensor of the step)
+            part.update(vmap(lambda g: pull(g)[0], chunk_size=max(1, budget // items.numel()))(table_part))
+        for name in grads:
             grads[name].append(part[name])
-        table_grads.append(table_part)
         losses.append(part_losses.detach())
         order.append(group)
     back = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"))
-    per_user_grads = {id(p): torch.cat(grads[name])[back] for name, p in zip(names, direct)}
-    if through:  # each user's table gradient pulled back to the parameters the table is made of, in one vmap
-        pulled = vmap(lambda g: pull(g)[0], chunk_size=chunk)(torch.cat(table_grads)[back])
-        per_user_grads.update((id(p), pulled[name]) for name, p in zip(through_names, through))
+    per_user_grads = {id(p): torch.cat(grads[name])[back]
+                      for name, p in zip(names + through_names, direct + through)}
     return [per_user_grads[id(p)] for p in params], torch.cat(losses)[back]
 
 

@@ -140,15 +140,15 @@ def sampled_step(trainer, users=range(6)):
     return idx, trainer.batch(0, idx)
 
 
-@pytest.mark.parametrize("grouping", [(8, 64), (2, 3), (None, 1024)], ids=["cpu", "short-spans", "gpu"])
+@pytest.mark.parametrize("grouping", [(8, 2 ** 25), (2, 1), (None, 2 ** 31)], ids=["cpu", "short-spans", "gpu"])
 @pytest.mark.parametrize("prior", [False, True])
 def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_bert, prior, grouping, monkeypatch):
     """vmap(grad) of the masked per-user loss, then the batched pull-back from the item table to the adaptor,
     theta and the ID table == autograd of Recommender.loss on each user's windows alone; with the text prior
     too, whose constant columns take no per-user gradient and whose scale is trained (noised) like the rest,
     from the public constants, not from the users' data. Under every grouping of users (``GROUPING``): windows
-    cut to their group's used length (2: several lengths of 8), vmap chunks smaller than a group, one group per
-    number of windows (a GPU's)."""
+    cut to their group's used length (2: several lengths of 8) with one user a vmap chunk (a budget of 1 logit),
+    one group per number of windows (a GPU's)."""
     from common import privacy
     from common.baselines import PUBLIC_PRIOR
     from common.privacy import segments, split_parameters, user_gradients
