@@ -43,6 +43,19 @@ def test_real_minilm_split_equals_plain_forward():
     assert sum(p.numel() for p in encoder.lora_parameters()) == 2 * 2 * 8 * (384 + 384)  # q,v in 2 layers
 
 
+@pytest.mark.parametrize("lora_layers", [0, 1])
+def test_the_same_seed_builds_the_same_shared_start(tiny_bert, lora_layers):
+    """The server and every client build the adapters' start from the seed, whatever torch's generator was doing
+    before (the frozen default once drew its shared head from it: a federation differed from run to run)."""
+    config = ModelConfig(base_model=tiny_bert, lora_layers=lora_layers)
+    starts = []
+    for draws in (0, 7):
+        torch.rand(draws)
+        starts.append(TextEncoder(config, seed=3).adapter_state())
+    assert starts[0].keys() == starts[1].keys() and all(torch.equal(v, starts[1][k]) for k, v in starts[0].items())
+    assert any(k.startswith("shared.") for k in starts[0])
+
+
 def test_adapter_round_trip_through_peft_folder(tiny_bert, tmp_path):
     from peft import PeftModel
 

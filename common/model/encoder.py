@@ -106,8 +106,11 @@ class TextEncoder(nn.Module):
         self.top_layers = min(config.lora_layers, self.num_layers)
         self.max_tokens = config.max_tokens
         self.model_name = path.name if path.name != "model" else path.parent.name
+        # lora_A and the shared head are drawn at random: the same seed gives every party, and every run, the same
+        # start (the frozen default once drew its shared head from whatever state torch's generator was in, so
+        # the server's start, and every federated result, changed from run to run)
+        torch.manual_seed(seed)
         if self.top_layers:
-            torch.manual_seed(seed)  # lora_A is drawn at random: the same seed gives every party the same start
             lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                               target_modules=config.lora_targets.split(","),
                               layers_to_transform=list(range(self.num_layers - self.top_layers, self.num_layers)))
