@@ -173,7 +173,7 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     Two stages. (1) ``torch.func`` grad vmap-ed over users (``GROUPING``; dropout drawn per user) of
     the loss with respect to the direct parameters (``split_parameters``) and the step's item table
     [num_items + 1, d]. (2) Each user's table gradient pulled back to the parameters the table is made of (text
-    adaptor, theta, item IDs) by one vmap-ed VJP of ``item_vectors`` (``item_table``; its forward also gives the
+    adaptor, theta, item IDs) by a vmap-ed VJP of ``item_vectors`` (``item_table``; its forward also gives the
     table of stage 1). Before, the adaptor ran over the whole catalogue inside the per-user gradient, forward and
     backward once per user (4-6x a plain epoch on Last.fm); the pull-back is the adaptor's backward alone,
     batched over users. The gradients are the same (tested).
@@ -212,13 +212,14 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
         group = np.flatnonzero((keys == (size, span)).all(1))
         members = [users[i] for i in group]
         inputs, targets, ratings = (per_user(t[:, -span:], members) if t is not None else None for t in batch)
+        chunk = max(1, budget // (size * span * candidates))
         # the fused CPU attention kernels have no vmap batching rule (vmap would loop over users); the math
         # kernel is made of batched matmuls and softmax
         with sdpa_kernel(SDPBackend.MATH):
-            chunk = max(1, budget // (size * span * candidates))
             (part, table_part), part_losses = step(chunk)(dict(zip(names, direct)), items, inputs, targets, ratings)
-        if through:  # each user's table gradient pulled back to the parameters the table is made of, group by
-            # group (the users' table gradients together would be the largest tensor of the step)
+        # each user's table gradient pulled back to the parameters the table is made of, a group at a time (the
+        # whole step's table gradients at once would be its largest tensor)
+        if through:
             part.update(vmap(lambda g: pull(g)[0], chunk_size=max(1, budget // items.numel()))(table_part))
         for name in grads:
             grads[name].append(part[name])
