@@ -142,13 +142,16 @@ def sampled_step(trainer, users=range(6)):
 
 @pytest.mark.parametrize("grouping", [(8, 2 ** 25), (2, 1), (None, 2 ** 31)], ids=["cpu", "short-spans", "gpu"])
 @pytest.mark.parametrize("prior", [False, True])
-def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_bert, prior, grouping, monkeypatch):
+@pytest.mark.parametrize("trained", [{}, {"item-ids": False, "train-adaptor": False}], ids=["all", "sequence"])
+def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_bert, prior, grouping, trained,
+                                                                    monkeypatch):
     """vmap(grad) of the masked per-user loss, then the batched pull-back from the item table to the adaptor,
     theta and the ID table == autograd of Recommender.loss on each user's windows alone; with the text prior
     too, whose constant columns take no per-user gradient and whose scale is trained (noised) like the rest,
     from the public constants, not from the users' data. Under every grouping of users (``GROUPING``): windows
     cut to their group's used length (2: several lengths of 8) with one user a vmap chunk (a budget of 1 logit),
-    one group per number of windows (a GPU's)."""
+    one group per number of windows (a GPU's). And with nothing trained inside the item table (no IDs, the
+    adaptor at its shared start): no table gradient, no pull-back."""
     from common import privacy
     from common.baselines import PUBLIC_PRIOR
     from common.privacy import segments, split_parameters, user_gradients
@@ -156,7 +159,8 @@ def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_b
     monkeypatch.setitem(privacy.GROUPING, "cpu", grouping)
 
     trainer, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 1.0, "dropout": 0.0, "rating-weight": 0.0,
-                                                     "max-len": 8, "text-prior": prior})  # several windows per user
+                                                     "max-len": 8, "text-prior": prior,  # several windows a user
+                                                     **trained})
     model = trainer.platforms[0].model
     if prior:
         assert model.head.prior_decay.item() == PUBLIC_PRIOR[0]
@@ -173,7 +177,9 @@ def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_b
     users = segments(trainer.dp.owners[idx])
     assert len(users) == 6 and len({len(u) for u in users}) > 1  # several groups of window counts
     through, direct = split_parameters(model, trainer.params)
-    assert len(through) == 4 and direct  # adaptor weight and bias, the ID table, theta; the sequence encoder
+    # adaptor weight and bias, the ID table, theta (or none of them); the sequence encoder
+    assert len(through) == (0 if trained else 4) and direct
+    assert not trained or not any(p is q for p in trainer.params for q in model.head.text_proj.parameters())
     grads, losses = user_gradients(model, trainer.params, users, batch)
     inputs, targets, _ = batch
     for u, rows in enumerate(users):
@@ -227,12 +233,14 @@ def test_vectorised_dp_epoch_accounts_like_opacus_and_noises_the_id_table_like_t
     assert any(not torch.equal(v, encoder.adapter_state()[k]) for k, v in start_adapter.items())
 
 
-@pytest.mark.parametrize("lora", [0, 1])
-def test_every_trained_tensor_is_noised_and_the_rest_never_changes(split, tiny_bert, lora):
+@pytest.mark.parametrize("settings", [{"lora-layers": 0}, {"lora-layers": 1},
+                                      {"lora-layers": 0, "item-ids": False, "text-prior": True,
+                                       "train-adaptor": False}], ids=["frozen", "lora", "dp-recipe"])
+def test_every_trained_tensor_is_noised_and_the_rest_never_changes(split, tiny_bert, settings):
     """What leaves (the adapter) is trained only through noised gradients: every model tensor that changes in a
-    DP epoch is one the plug-in clips and noises; the others (frozen encoder, item-ID table) stay at their
-    seeded, data-independent start."""
-    trainer, encoder, _ = build(split, tiny_bert, **{"lora-layers": lora, "dp-noise": 1.0})
+    DP epoch is one the plug-in clips and noises; the others (frozen encoder, item-ID table, a fixed text
+    adaptor) stay at their seeded, data-independent start."""
+    trainer, encoder, _ = build(split, tiny_bert, **{"dp-noise": 1.0, **settings})
     model = trainer.platforms[0].model
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer.epoch()
