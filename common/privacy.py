@@ -11,7 +11,9 @@ Per-user gradients, two paths:
 - frozen encoder (lora-layers = 0, the default): vectorised. ``torch.func``: ``grad`` of each user's loss
   (``Recommender.items_loss``) ``vmap``-ed over the step's users (one pass per group of users with the same
   number of windows) with respect to the sequence encoder and the item table; each user's table gradient is then
-  pulled back to the text adaptor, theta and the ID table by one batched VJP (``user_gradients``).
+  pulled back to the text adaptor, theta and the ID table by one batched VJP (``user_gradients``). Without item
+  IDs (the DP recipe), users with short histories take the adaptor's gradient directly instead, scoring in the
+  text space (``TextSpaceItems``): cheaper than a catalogue-sized table gradient per user.
 - LoRA (lora-layers > 0): a step re-encodes sampled items through peft's LoRA layers; vmap over those is
   impractical, so each user is one micro-batch with its share of ``live-items`` (one forward/backward per user),
   the previous implementation, kept as a correct fallback.
@@ -31,6 +33,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.config import PollenConfig
+from common.model.head import TextSpaceItems
 
 # How per-user gradients are batched, by device: (window-length step, logits per vmap chunk). Users are grouped by
 # their number of windows and their longest window rounded up to the step (None: by windows alone), and vmap-ed as
@@ -197,6 +200,22 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
                     in_dims=(None, None, 0, 0, 0 if batch[2] is not None else None),
                     randomness="different", chunk_size=chunk)
 
+    # the adaptor's gradient without the item table's: each user's loss as a function of the adaptor itself
+    # (``TextSpaceItems``), where that costs less than the table's gradient and its pull-back
+    factored = factored_adaptor(model, through)
+    if factored:
+        text = model.text_table().detach()
+        adaptor_names = parameter_names(loss, through)
+        weight, bias = (adaptor_names[[id(p) for p in through].index(id(q))] for q in factored)
+
+        def text_space_loss(weights, x, y, r):
+            items = TextSpaceItems(text, weights[weight][0], weights[bias][0])
+            return functional_call(loss, weights, (items, x, y, r, negatives, prior))
+
+        def text_space_step(chunk):
+            return vmap(grad_and_value(text_space_loss), in_dims=(None, 0, 0, 0 if batch[2] is not None else None),
+                        randomness="different", chunk_size=chunk)
+
     span_step, budget = GROUPING.get(items.device.type, GROUPING["cuda"])
     candidates = len(items) - 1 if negatives is None else 1 + len(negatives)
     # group key: (windows, the user's longest window rounded up to span_step); windows are right-aligned and
@@ -216,11 +235,17 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
         # the fused CPU attention kernels have no vmap batching rule (vmap would loop over users); the math
         # kernel is made of batched matmuls and softmax
         with sdpa_kernel(SDPBackend.MATH):
-            (part, *table_part), part_losses = step(chunk)(dict(zip(names, direct)), items, inputs, targets, ratings)
-        # each user's table gradient pulled back to the parameters the table is made of, a group at a time (the
-        # whole step's table gradients at once would be its largest tensor)
-        if through:
-            part.update(vmap(lambda g: pull(g)[0], chunk_size=max(1, budget // items.numel()))(table_part[0]))
+            if factored and text_space_pays(size * span, text.shape[1], items.shape[1]):
+                weights = dict(zip(names + adaptor_names, direct + through))
+                part, part_losses = text_space_step(chunk)(weights, inputs, targets, ratings)
+                part = {**{n: part[n] for n in names}, **dict(zip(through_names, (part[n] for n in adaptor_names)))}
+            else:
+                (part, *table_part), part_losses = step(chunk)(dict(zip(names, direct)), items, inputs, targets,
+                                                               ratings)
+                # each user's table gradient pulled back to the parameters the table is made of, a group at a time
+                # (the whole step's table gradients at once would be its largest tensor)
+                if through:
+                    part.update(vmap(lambda g: pull(g)[0], chunk_size=max(1, budget // items.numel()))(table_part[0]))
         for name in grads:
             grads[name].append(part[name])
         losses.append(part_losses.detach())
@@ -229,6 +254,25 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     per_user_grads = {id(p): torch.cat(grads[name])[back]
                       for name, p in zip(names + through_names, direct + through)}
     return [per_user_grads[id(p)] for p in params], torch.cat(losses)[back]
+
+
+def factored_adaptor(model, through: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight, bias) of the text adaptor when the trained item-table parameters are exactly those of a
+    one-expert adaptor, the table is text alone (no item IDs) and logits are dot products: then ``TextSpaceItems``
+    can stand for the table; else None."""
+    adaptor = model.head.text_proj
+    if adaptor is None or adaptor.gate is not None or model.head.temperature or model.head.item_emb is not None:
+        return None
+    if {id(p) for p in through} != {id(adaptor.weight), id(adaptor.bias)}:
+        return None
+    return adaptor.weight, adaptor.bias
+
+
+def text_space_pays(positions: int, text_dim: int, width: int) -> bool:
+    """Whether a user's loss through ``TextSpaceItems`` (about 2 x positions x text_dim multiply-adds per
+    catalogue item) is cheaper than through the item table (3 x positions x width, plus text_dim x width for the
+    pull-back): users with short histories (Amazon Office), not MovieLens's long ones."""
+    return 2 * positions * text_dim < 3 * positions * width + text_dim * width
 
 
 def item_table(model, through: list[torch.Tensor]

@@ -142,21 +142,27 @@ def sampled_step(trainer, users=range(6)):
 
 @pytest.mark.parametrize("grouping", [(8, 2 ** 25), (2, 1), (None, 2 ** 31)], ids=["cpu", "short-spans", "gpu"])
 @pytest.mark.parametrize("prior", [False, True])
-@pytest.mark.parametrize("trained", [{}, {"item-ids": False, "train-adaptor": False}], ids=["all", "sequence"])
+@pytest.mark.parametrize("trained, factored, through", [
+    ({}, False, 4),  # adaptor weight and bias, the ID table, theta
+    ({"item-ids": False}, True, 2),  # the adaptor alone: per-user losses of the adaptor itself (TextSpaceItems)
+    ({"item-ids": False}, False, 2),  # the same through the item table's gradient and its pull-back
+    ({"item-ids": False, "train-adaptor": False}, False, 0)], ids=["all", "text", "text-table", "sequence"])
 def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_bert, prior, grouping, trained,
-                                                                    monkeypatch):
+                                                                    factored, through, monkeypatch):
     """vmap(grad) of the masked per-user loss, then the batched pull-back from the item table to the adaptor,
     theta and the ID table == autograd of Recommender.loss on each user's windows alone; with the text prior
     too, whose constant columns take no per-user gradient and whose scale is trained (noised) like the rest,
     from the public constants, not from the users' data. Under every grouping of users (``GROUPING``): windows
     cut to their group's used length (2: several lengths of 8) with one user a vmap chunk (a budget of 1 logit),
-    one group per number of windows (a GPU's). And with nothing trained inside the item table (no IDs, the
-    adaptor at its shared start): no table gradient, no pull-back."""
+    one group per number of windows (a GPU's). Without item IDs, with the adaptor's gradient taken through
+    ``TextSpaceItems`` or through the table; and with nothing trained inside the item table (no IDs, the adaptor
+    at its shared start): no table gradient, no pull-back."""
     from common import privacy
     from common.baselines import PUBLIC_PRIOR
     from common.privacy import segments, split_parameters, user_gradients
 
     monkeypatch.setitem(privacy.GROUPING, "cpu", grouping)
+    monkeypatch.setattr(privacy, "text_space_pays", lambda *sizes: factored)
 
     trainer, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 1.0, "dropout": 0.0, "rating-weight": 0.0,
                                                      "max-len": 8, "text-prior": prior,  # several windows a user
@@ -176,10 +182,9 @@ def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_b
     idx, batch = sampled_step(trainer, [0, 1, 2, 3, *short])  # 2 or 1 windows of 8, and users whose span is cut
     users = segments(trainer.dp.owners[idx])
     assert len(users) == 6 and len({len(u) for u in users}) > 1  # several groups of window counts
-    through, direct = split_parameters(model, trainer.params)
-    # adaptor weight and bias, the ID table, theta (or none of them); the sequence encoder
-    assert len(through) == (0 if trained else 4) and direct
-    assert not trained or not any(p is q for p in trainer.params for q in model.head.text_proj.parameters())
+    assert len(split_parameters(model, trainer.params)[0]) == through
+    assert (privacy.factored_adaptor(model, split_parameters(model, trainer.params)[0]) is not None) == \
+        ("item-ids" in trained and through > 0)
     grads, losses = user_gradients(model, trainer.params, users, batch)
     inputs, targets, _ = batch
     for u, rows in enumerate(users):

@@ -137,7 +137,7 @@ class RecommendationHead(nn.Module):
         user, (item, item_text) = states[..., :w], self._columns(items, prior)
         if self.temperature:
             user, item = F.normalize(user, dim=-1) / self.temperature, F.normalize(item, dim=-1)
-        logits = user @ item.transpose(-1, -2)
+        logits = item.scores(user) if isinstance(item, TextSpaceItems) else user @ item.transpose(-1, -2)
         if self.prior:
             user = states[..., w:]
             if self.prior_constant:
@@ -159,7 +159,9 @@ class RecommendationHead(nn.Module):
 
     def _columns(self, items: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(learned columns, text prior's columns) of item vectors, given together or apart."""
-        return (items, prior) if prior is not None else (items[..., :self.width], items[..., self.width:])
+        if prior is not None or isinstance(items, TextSpaceItems):
+            return items, prior
+        return items[..., :self.width], items[..., self.width:]
 
     def _with_prior(self, states: torch.Tensor, sequences: torch.Tensor, text: torch.Tensor, last: bool
                     ) -> torch.Tensor:
@@ -251,6 +253,30 @@ class SequenceEncoder(nn.Module):
         blocked = torch.triu(torch.ones(length, length, dtype=torch.bool, device=x.device), diagonal=1)
         blocked = (blocked[None] | pad[:, None, :]) & ~torch.eye(length, dtype=torch.bool, device=x.device)[None]
         return x, pad, blocked
+
+
+class TextSpaceItems:
+    """The learned item columns of a one-expert text adaptor without item IDs, ``(text - b) W`` (zero for items
+    without text), kept factored: ``scores`` maps user states back to the text space (``s W^T``) and scores them
+    against the catalogue's text vectors. Under user-level DP this is each user's loss as a function of the
+    adaptor itself, at positions x catalogue x text_dim per user, instead of a per-user gradient of the whole
+    item table pulled back to the adaptor (catalogue x text_dim x width per user; common/privacy.py). Indexing
+    with a slice keeps it factored (the candidates); with a tensor it gives those items' vectors."""
+
+    def __init__(self, text: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+        self.text, self.weight, self.bias = text, weight, bias  # [n, k], [k, d], [k]
+        self.present = (text.abs().sum(-1) > 0).to(text.dtype)
+        self.shape = (text.shape[0], weight.shape[1])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return TextSpaceItems(self.text[index], self.weight, self.bias)
+        return (self.text[index] - self.bias) @ self.weight * self.present[index][..., None]
+
+    def scores(self, user: torch.Tensor) -> torch.Tensor:
+        """user [..., d] . every item vector: [..., n]."""
+        back = user @ self.weight.T
+        return (back @ self.text.T - (back @ self.bias)[..., None]) * self.present
 
 
 class TextAdaptor(nn.Module):
