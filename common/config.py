@@ -88,9 +88,6 @@ class ModelConfig:
     adaptor_experts: int = field(default=1, metadata={
         "help": "text adaptor: 1 = one whitening projection (x - b) W; more = UniSRec's gated mixture of them",
         "values": ">= 1"})
-    train_adaptor: bool = field(default=True, metadata={
-        "help": "train the shared text adaptor; false = it keeps its seeded shared start (under DP: fewer noised "
-                "parameters, and no per-user gradient through the whole catalogue)"})
     temperature: float = field(default=0.0, metadata={
         "help": "logits: 0 = dot product of user state and item vector; > 0 = cosine / temperature (UniSRec 0.07)",
         "values": ">= 0"})

@@ -196,7 +196,7 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
         return functional_call(loss, weights, (table, x, y, r, negatives, prior))
 
     def step(chunk):
-        return vmap(grad_and_value(user_loss, argnums=(0, 1) if through else (0,)),
+        return vmap(grad_and_value(user_loss, argnums=(0, 1)),
                     in_dims=(None, None, 0, 0, 0 if batch[2] is not None else None),
                     randomness="different", chunk_size=chunk)
 
@@ -240,12 +240,12 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
                 part, part_losses = text_space_step(chunk)(weights, inputs, targets, ratings)
                 part = {**{n: part[n] for n in names}, **dict(zip(through_names, (part[n] for n in adaptor_names)))}
             else:
-                (part, *table_part), part_losses = step(chunk)(dict(zip(names, direct)), items, inputs, targets,
-                                                               ratings)
+                (part, table_part), part_losses = step(chunk)(dict(zip(names, direct)), items, inputs, targets,
+                                                              ratings)
                 # each user's table gradient pulled back to the parameters the table is made of, a group at a time
                 # (the whole step's table gradients at once would be its largest tensor)
                 if through:
-                    part.update(vmap(lambda g: pull(g)[0], chunk_size=max(1, budget // items.numel()))(table_part[0]))
+                    part.update(vmap(lambda g: pull(g)[0], chunk_size=max(1, budget // items.numel()))(table_part))
         for name in grads:
             grads[name].append(part[name])
         losses.append(part_losses.detach())

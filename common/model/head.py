@@ -188,8 +188,6 @@ class SharedHead(nn.Module):
     def __init__(self, text_dim: int | None, model: ModelConfig, max_len: int):
         super().__init__()
         self.adaptor = TextAdaptor(text_dim, model.hidden_size, model.adaptor_experts) if text_dim else None
-        if self.adaptor is not None and not model.train_adaptor:
-            self.adaptor.requires_grad_(False)
         self.sequence = SequenceEncoder(model, max_len)
         if model.text_prior and text_dim:  # the learned score starts at 0: an untrained model is the text prior
             nn.init.zeros_(self.sequence.output_norm.weight)
