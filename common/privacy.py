@@ -206,7 +206,7 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     if factored:
         text = model.text_table().detach()
         adaptor_names = parameter_names(loss, through)
-        weight, bias = (adaptor_names[[id(p) for p in through].index(id(q))] for q in factored)
+        weight, bias = parameter_names(loss, list(factored))
 
         def text_space_loss(weights, x, y, r):
             items = TextSpaceItems(text, weights[weight][0], weights[bias][0])
