@@ -72,9 +72,10 @@ def work(phase: str, table: dict, arrays: ArrayRecord, node_config: dict
         metrics["upload-bytes"] = float(record_bytes(reply))
         metrics["download-bytes"] = float(record_bytes(arrays))
         return reply, metrics, session.name
-    trained = server_round > 0  # round 0 is the untrained start: nothing to export
+    # round 0 is the untrained start: a model to export only with the text prior (the zero-shot ranking)
+    candidate = server_round > 0 or config.model.text_prior
     session.personalise()
-    metrics.update(session.evaluate(node.export_dir if trained else None))
+    metrics.update(session.evaluate(node.export_dir if candidate else None))
     state.save(server_round, session.checkpoint())  # keeps the best validation score so far
     return None, metrics, session.name
 

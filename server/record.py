@@ -1,7 +1,8 @@
 """The run's record: a line per round on the console, rounds.csv, results.json and a plot of NDCG@10.
 
-Each platform's reported model is the round with its best validation NDCG@10 (round 0, the untrained
-starting point, is shown but never selected); test metrics are only read at that round.
+Each platform's reported model is the round with its best validation NDCG@10; test metrics are only read at
+that round. Round 0, the untrained start, is shown, and is a candidate only with ``text-prior``: that untrained
+model is MiniLM's zero-shot ranking, a model worth serving, as ``common.train.fit`` keeps epoch 0.
 """
 
 from __future__ import annotations
@@ -52,11 +53,13 @@ class RunRecord:
         self.save()
 
     def selected(self) -> dict[str, dict]:
-        """Per platform: the trained round with the best validation NDCG@10 and its test metrics."""
+        """Per platform: the candidate round (trained, or round 0 with the text prior) with the best validation
+        NDCG@10 and its test metrics."""
+        first = 0 if self.config.get("text-prior") else 1
         out: dict[str, dict] = {}
         for rnd, per_platform in sorted(self.evaluations.items()):
             for name, m in per_platform.items():
-                if rnd > 0 and m["valid-ndcg@10"] > out.get(name, {}).get("valid-ndcg@10", -1.0):
+                if rnd >= first and m["valid-ndcg@10"] > out.get(name, {}).get("valid-ndcg@10", -1.0):
                     out[name] = {"round": rnd, "valid-ndcg@10": m["valid-ndcg@10"],
                                  "test": {k[5:]: v for k, v in m.items() if k.startswith("test-")}}
         return out
@@ -121,7 +124,7 @@ class RunRecord:
                             label=f"{name} test")
             ax.plot(rounds, [self.evaluations[r][name][VALID] for r in rounds], marker="o", ls="--",
                     color=line.get_color(), alpha=0.6, label=f"{name} validation")
-            if name in best:  # the reported model: the trained round with the best validation NDCG@10
+            if name in best:  # the reported model: the candidate round with the best validation NDCG@10
                 r = best[name]["round"]
                 ax.plot([r], [self.evaluations[r][name][VALID]], marker="*", ms=14, ls="none",
                         color=line.get_color(), markeredgecolor="black")

@@ -24,3 +24,17 @@ def test_plot_shows_test_solid_validation_dashed_and_the_best_validation_round(t
     assert legend.count("best validation round") == 1
     stars = [line for line in ax.get_lines() if line.get_marker() == "*" and len(line.get_xdata())]
     assert sorted((float(s.get_xdata()[0]), float(s.get_ydata()[0])) for s in stars) == [(1.0, 0.30), (3.0, 0.40)]
+
+
+def test_round_zero_is_a_candidate_only_with_the_text_prior(tmp_path):
+    """The untrained start is MiniLM's zero-shot ranking with ``text-prior`` (a model worth serving, as
+    common.train.fit keeps epoch 0); without it, a random head that is never selected."""
+    valid = [0.40, 0.30, 0.35]
+    chosen = {}
+    for prior in (False, True):
+        record = RunRecord(tmp_path / str(prior), {"text-prior": prior}, 2, log=lambda line: None)
+        for rnd, v in enumerate(valid):
+            record.add_evaluation(rnd, {"shop": metrics(v / 2, v)})
+        chosen[prior] = record.selected()["shop"]
+    assert chosen[False]["round"] == 2 and chosen[False]["test"] == {"ndcg@10": 0.175}
+    assert chosen[True]["round"] == 0 and chosen[True]["test"] == {"ndcg@10": 0.20}
