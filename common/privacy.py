@@ -179,7 +179,9 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     adaptor, theta, item IDs) by a vmap-ed VJP of ``item_vectors`` (``item_table``; its forward also gives the
     table of stage 1). Before, the adaptor ran over the whole catalogue inside the per-user gradient, forward and
     backward once per user (4-6x a plain epoch on Last.fm); the pull-back is the adaptor's backward alone,
-    batched over users. The gradients are the same (tested).
+    batched over users. Without item IDs, a group of short windows instead takes the adaptor's gradient in stage
+    (1), scoring in the text space (``TextSpaceItems``, where ``text_space_pays``), and skips stage (2). The
+    gradients are the same (tested).
     ``users``: each user's rows of ``batch``. Users are grouped by their number of windows (and on a CPU their
     window length, ``GROUPING``), one vmap per group:
     padding every user to the step's most windows cost 4-6x on catalogues of long histories, and one vmap over
