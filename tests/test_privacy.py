@@ -181,9 +181,9 @@ def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_b
     idx, batch = sampled_step(trainer, [0, 1, 2, 3, *short])  # 2 or 1 windows of 8, and users whose span is cut
     users = segments(trainer.dp.owners[idx])
     assert len(users) == 6 and len({len(u) for u in users}) > 1  # several groups of window counts
-    assert len(split_parameters(model, trainer.params)[0]) == through
-    assert (privacy.factored_adaptor(model, split_parameters(model, trainer.params)[0]) is not None) == \
-        ("item-ids" in trained)
+    table_parameters = split_parameters(model, trainer.params)[0]
+    assert len(table_parameters) == through
+    assert (privacy.factored_adaptor(model, table_parameters) is not None) == ("item-ids" in trained)
     grads, losses = user_gradients(model, trainer.params, users, batch)
     inputs, targets, _ = batch
     for u, rows in enumerate(users):
