@@ -208,11 +208,10 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     if factored:
         text = model.text_table().detach()
         adaptor_names = parameter_names(loss, through)
-        weight, bias = parameter_names(loss, list(factored))
+        items_in_text_space = TextSpaceItems(text, factored)
 
         def text_space_loss(weights, x, y, r):
-            items = TextSpaceItems(text, weights[weight][0], weights[bias][0])
-            return functional_call(loss, weights, (items, x, y, r, negatives, prior))
+            return functional_call(loss, weights, (items_in_text_space, x, y, r, negatives, prior))
 
         def text_space_step(chunk):
             return vmap(grad_and_value(text_space_loss), in_dims=(None, 0, 0, 0 if batch[2] is not None else None),
@@ -258,16 +257,16 @@ def user_gradients(model, params: list[torch.Tensor], users: list[np.ndarray], b
     return [per_user_grads[id(p)] for p in params], torch.cat(losses)[back]
 
 
-def factored_adaptor(model, through: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(weight, bias) of the text adaptor when the trained item-table parameters are exactly those of a
-    one-expert adaptor, the table is text alone (no item IDs) and logits are dot products: then ``TextSpaceItems``
-    can stand for the table; else None."""
+def factored_adaptor(model, through: list[torch.Tensor]):
+    """The text adaptor when the trained item-table parameters are exactly those of a one-expert adaptor, the
+    table is text alone (no item IDs) and logits are dot products: then ``TextSpaceItems`` can stand for the
+    table; else None."""
     adaptor = model.head.text_proj
     if adaptor is None or adaptor.gate is not None or model.head.temperature or model.head.item_emb is not None:
         return None
     if {id(p) for p in through} != {id(adaptor.weight), id(adaptor.bias)}:
         return None
-    return adaptor.weight, adaptor.bias
+    return adaptor
 
 
 def text_space_pays(positions: int, text_dim: int, width: int) -> bool:

@@ -254,27 +254,28 @@ class SequenceEncoder(nn.Module):
 
 
 class TextSpaceItems:
-    """The learned item columns of a one-expert text adaptor without item IDs, ``(text - b) W`` (zero for items
-    without text), kept factored: ``scores`` maps user states back to the text space (``s W^T``) and scores them
-    against the catalogue's text vectors. Under user-level DP this is each user's loss as a function of the
-    adaptor itself, at positions x catalogue x text_dim per user, instead of a per-user gradient of the whole
-    item table pulled back to the adaptor (catalogue x text_dim x width per user; common/privacy.py). Indexing
-    with a slice keeps it factored (the candidates); with a tensor it gives those items' vectors."""
+    """The learned item columns of a one-expert text adaptor without item IDs, ``adaptor(text)`` = ``(text - b) W``
+    (zero for items without text), kept factored: ``scores`` maps user states back to the text space (``s W^T``)
+    and scores them against the catalogue's text vectors. Under user-level DP this is each user's loss as a
+    function of the adaptor itself, at positions x catalogue x text_dim per user, instead of a per-user gradient of
+    the whole item table pulled back to the adaptor (catalogue x text_dim x width per user; common/privacy.py).
+    Indexing with a slice keeps it factored (the candidates); with a tensor it gives those items' vectors. The
+    adaptor's weights are read when used, so under ``torch.func.functional_call`` they are the call's."""
 
-    def __init__(self, text: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-        self.text, self.weight, self.bias = text, weight, bias  # [n, k], [k, d], [k]
-        self.present = (text.abs().sum(-1) > 0).to(text.dtype)
-        self.shape = (text.shape[0], weight.shape[1])
+    def __init__(self, text: torch.Tensor, adaptor: "TextAdaptor", present: torch.Tensor | None = None):
+        self.text, self.adaptor = text, adaptor  # [n, k]
+        self.present = has_text(text)[..., 0] if present is None else present  # once, not once per user
+        self.shape = (text.shape[0], adaptor.weight.shape[-1])
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return TextSpaceItems(self.text[index], self.weight, self.bias)
-        return (self.text[index] - self.bias) @ self.weight * self.present[index][..., None]
+            return TextSpaceItems(self.text[index], self.adaptor, self.present[index])
+        return self.adaptor(self.text[index])
 
     def scores(self, user: torch.Tensor) -> torch.Tensor:
         """user [..., d] . every item vector: [..., n]."""
-        back = user @ self.weight.T
-        return (back @ self.text.T - (back @ self.bias)[..., None]) * self.present
+        back = user @ self.adaptor.weight[0].T
+        return (back @ self.text.T - (back @ self.adaptor.bias[0])[..., None]) * self.present
 
 
 class TextAdaptor(nn.Module):
@@ -297,7 +298,7 @@ class TextAdaptor(nn.Module):
             nn.init.zeros_(self.gate.weight)  # start as the plain mean of the experts
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        present = (text.abs().sum(-1, keepdim=True) > 0).to(text.dtype)  # text [..., text_dim]
+        present = has_text(text)  # text [..., text_dim]
         # (x - b) W written as x W - b W: the same values, but the bias's gradient is then the column sum of the
         # output's gradient times W, not a catalogue-sized product (DP pulls back one gradient per user)
         out = torch.einsum("...k,ekd->...ed", text, self.weight) - torch.einsum("ek,ekd->ed", self.bias, self.weight)
@@ -305,3 +306,8 @@ class TextAdaptor(nn.Module):
             return out[..., 0, :] * present
         gate = torch.softmax(self.gate(text), dim=-1)
         return (gate[..., None] * out).sum(-2) * present
+
+
+def has_text(text: torch.Tensor) -> torch.Tensor:
+    """[..., 1]: 1 for an item with a text vector, 0 for the padding item (a zero vector)."""
+    return (text.abs().sum(-1, keepdim=True) > 0).to(text.dtype)
