@@ -39,6 +39,9 @@ if TYPE_CHECKING:  # the training side only; serving never imports it
     from common.train import Platform
 
 FORMAT_VERSION = 1
+# the text prior's whitening, added to format 1 later: a model exported before it lacks them, and their defaults
+# (zero mean, identity) are what it did: compare MiniLM's vectors as they are
+UNWHITENED = ("prior_mean", "prior_whiten")
 ITEM_COLUMNS = ("index", "item", "text")
 
 
@@ -141,7 +144,9 @@ def load_model(folder: str | Path) -> ServedModel:
     except (ValueError, TypeError) as error:
         raise ValueError(f"{folder / 'config.json'}: bad 'config': {error}") from None
     head = RecommendationHead(meta["num-items"], meta["text-dim"], config.model, config.data)
-    head.load_state_dict(_read_tensors(folder / "head.safetensors", shapes(head.state_dict())))
+    state = head.state_dict()
+    head.load_state_dict(_read_tensors(folder / "head.safetensors", shapes(state),
+                                       {k: state[k] for k in UNWHITENED if k in state}))
     head.eval()
     rows, width = meta["num-items"] + 1, head.item_width
     items = _read_tensors(folder / "item_vectors.safetensors", {"items": (rows, width)})["items"]
@@ -170,10 +175,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, expected: dict[str, tuple[int, ...]], defaults: dict[str, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
     """A safetensors file of the exported model holding exactly ``expected`` (key -> shape), floating point and
-    finite."""
-    tensors = load_tensors(path, "file of the exported model")
+    finite; a key of ``defaults`` it lacks takes that value."""
+    tensors = {**(defaults or {}), **load_tensors(path, "file of the exported model")}
     check_tensors(tensors, path, expected, "file of the exported model")
     integers = [f"{key}: {value.dtype}" for key, value in sorted(tensors.items()) if not value.is_floating_point()]
     if integers:  # load_state_dict would silently cast them

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from common.config import ModelConfig, PollenConfig
@@ -163,18 +164,45 @@ def test_last_state_equals_forward_at_the_last_position(layers, heads):
     torch.testing.assert_close(a, encoder(sequences, items)[:, -1])
 
 
-def test_an_untrained_text_prior_model_ranks_like_zero_shot_and_fit_can_keep_it(tiny_bert):
-    """``text-prior``: before training the score is the zero-shot text ranking exactly (scaled), the per-position
-    states of training agree with scoring's, and ``fit`` keeps the start when training does not beat it."""
+def test_whitening_makes_the_catalogue_covariance_the_identity_and_power_0_changes_nothing():
+    """``common.baselines.whitening``: at power 1 the catalogue's whitened text vectors have zero mean and, but
+    for the shrinkage (1% of the mean variance), unit covariance; at power 0 the prior compares MiniLM's vectors
+    as they are. The padding row stays zero either way (it must not enter a history's mean)."""
+    from common.baselines import whitening
+    from common.model.head import prior_items
+
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randn(500, 16, generator=generator) @ torch.randn(16, 16, generator=generator) + 3.0
+    text[0] = 0
+    mean, whiten = whitening(text, 1.0)
+    white = (text[1:] - mean) @ whiten
+    torch.testing.assert_close(white.mean(0), torch.zeros(16), atol=1e-4, rtol=0)
+    before = torch.linalg.eigvalsh(torch.cov(text[1:].T))  # each direction's variance v becomes v / (v + 1% of mean)
+    torch.testing.assert_close(torch.linalg.eigvalsh(torch.cov(white.T)), before / (before + 0.01 * before.mean()),
+                               atol=1e-4, rtol=1e-4)
+    assert torch.equal(prior_items(text, mean, whiten)[0], torch.zeros(16))
+    torch.testing.assert_close(prior_items(text, *whitening(text, 0.0)), F.normalize(text, dim=-1))
+    half = prior_items(text, *whitening(text, 0.5))
+    torch.testing.assert_close(half.norm(dim=-1)[1:], torch.ones(499))
+
+
+@pytest.mark.parametrize("power", [0.0, 1.0])
+def test_an_untrained_text_prior_model_ranks_like_zero_shot_and_fit_can_keep_it(tiny_bert, power, monkeypatch):
+    """``text-prior``: before training the score is the zero-shot text ranking exactly (scaled), whitened or not,
+    the per-position states of training agree with scoring's, and ``fit`` keeps the start when training does not
+    beat it."""
+    from common import baselines
     from common.baselines import zero_shot_scorer
     from common.evaluate import evaluate
     from common.train import fit
 
+    monkeypatch.setattr(baselines, "WHITENINGS", (power,))
     config = PollenConfig().replace(**{"base-model": tiny_bert, "text-prior": True, "batch-size": 32})
     split = leave_one_out(generate(SyntheticConfig())[0])
     torch.manual_seed(0)
     encoder = TextEncoder(config.model)
     model = Recommender(split, config, encoder)
+    assert torch.equal(model.head.prior_whiten, torch.eye(len(model.head.prior_whiten))) == (power == 0)
     zero_shot = zero_shot_scorer(split, encoder, model.states, window=config.data.max_len)
     histories = split.eval_inputs("test")[0][:32]
     scale = model.head.prior_scale.exp().item()

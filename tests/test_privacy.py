@@ -170,6 +170,7 @@ def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_b
     if prior:
         assert model.head.prior_decay.item() == PUBLIC_PRIOR[0]
         assert model.head.prior_scale.exp().item() == pytest.approx(PUBLIC_PRIOR[1])
+        assert torch.equal(model.head.prior_whiten, torch.eye(len(model.head.prior_whiten)))  # not whitened
         assert any(p is model.head.prior_scale for p in trainer.params)
         model.head.shared.sequence.output_norm.weight.data.fill_(1.0)  # a learned part that is not zero yet
     model.train()

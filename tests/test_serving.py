@@ -483,6 +483,25 @@ def test_damaged_models_are_refused_naming_the_file(text_model, model_copy, caps
     assert len(err) == 1 and str(model_copy / file) in err[0]
 
 
+def test_a_prior_model_exported_before_whitening_still_loads_unwhitened(prior_model, tmp_path):
+    """A text-prior model exported before the prior's whitening existed has no ``prior_mean`` / ``prior_whiten``:
+    it loads with zero and identity, which is how it compared text vectors, and serves as before."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    platform, folder = prior_model
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    head = load_file(old / "head.safetensors")
+    save_file({k: v for k, v in head.items() if k not in ("prior_mean", "prior_whiten")}, old / "head.safetensors")
+    served = load_model(old)
+    assert torch.equal(served.head.prior_whiten, torch.eye(len(served.head.prior_whiten)))
+    assert not served.head.prior_mean.any()
+    _, ids = _history(platform)
+    assert served.recommend(ids, k=10) == load_model(folder).recommend(ids, k=10)
+
+
 def test_a_nan_adapter_is_refused_when_the_encoder_loads(text_model, model_copy):
     from safetensors.torch import load_file, save_file
 

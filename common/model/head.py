@@ -8,9 +8,9 @@ explicit rating a user gives the next item (the seed's MSE example).
 With ``text-prior`` every score also holds the zero-shot text ranking, and the learned part starts at zero (the
 sequence encoder's output scale is zero-initialised, ReZero-style): an untrained head ranks exactly like MiniLM
 zero-shot, and training moves away from it only as far as validation rewards. An item vector is then
-``[fused vector | normalised text vector]`` and a user state ``[sequence state | normalised
-recency-weighted mean of the history's text vectors]``, ``similarity`` adds the two terms, and scoring,
-export and serving stay the same code.
+``[fused vector | whitened, normalised text vector]`` (the whitening made from the catalogue's own texts) and a
+user state ``[sequence state | normalised recency-weighted mean of the history's text vectors]``, ``similarity``
+adds the two terms, and scoring, export and serving stay the same code.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ class RecommendationHead(nn.Module):
             # log of the prior's scale and its recency weight, set by Recommender (from the data; under DP public)
             self.prior_scale = nn.Parameter(torch.zeros(()))
             self.register_buffer("prior_decay", torch.tensor(0.5))
+            # the catalogue's whitening of its text vectors (mean, matrix), set by Recommender; identity = none
+            self.register_buffer("prior_mean", torch.zeros(text_dim))
+            self.register_buffer("prior_whiten", torch.eye(text_dim))
         # the prior's columns are functions of the frozen text alone unless LoRA adapts the encoder: then no
         # gradient flows through them (one catalogue-wide product instead of three, per user under DP)
         self.prior_constant = model.lora_layers == 0
@@ -118,10 +121,10 @@ class RecommendationHead(nn.Module):
     def _append_prior(self, learned: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
         return torch.cat([learned, self.prior_vectors(text)], -1) if self.prior else learned
 
-    @staticmethod
-    def prior_vectors(text: torch.Tensor) -> torch.Tensor:
-        """The text prior's item columns: the frozen text vectors, normalised (no trained parameter)."""
-        return F.normalize(text, dim=-1)
+    def prior_vectors(self, text: torch.Tensor) -> torch.Tensor:
+        """The text prior's item columns: the frozen text vectors, whitened for the catalogue and normalised (no
+        trained parameter)."""
+        return prior_items(text, self.prior_mean, self.prior_whiten)
 
     def similarity(self, states: torch.Tensor, items: torch.Tensor, prior: torch.Tensor | None = None
                    ) -> torch.Tensor:
@@ -306,6 +309,12 @@ class TextAdaptor(nn.Module):
             return out[..., 0, :] * present
         gate = torch.softmax(self.gate(text), dim=-1)
         return (gate[..., None] * out).sum(-2) * present
+
+
+def prior_items(text: torch.Tensor, mean: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """Text vectors as the text prior compares them: ``(text - mean) @ whiten``, normalised; the padding item
+    stays a zero row (``common.baselines.whitening`` makes ``mean`` and ``whiten`` from the catalogue's texts)."""
+    return F.normalize((text - mean) @ whiten, dim=-1) * has_text(text)
 
 
 def has_text(text: torch.Tensor) -> torch.Tensor:

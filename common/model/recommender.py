@@ -41,15 +41,18 @@ class Recommender(nn.Module):
                 self.head.rating_offset.fill_(float(np.nanmean(rated)))
         self._text_table: torch.Tensor | None = None
         self._table_version = -1
-        if self.head.prior:  # the zero-shot recency weight (validation targets) and scale (training items)
-            from common.baselines import PUBLIC_PRIOR, best_decay, prior_scale
+        if self.head.prior:  # the zero-shot recency weight and whitening (validation targets), scale (training items)
+            from common.baselines import PUBLIC_PRIOR, best_prior, prior_scale, whitening
 
             if config.privacy.dp:  # fitted on users' data without noise, they would steer the noised updates
                 decay, scale = PUBLIC_PRIOR
             else:
-                table = F.normalize(self.text_table().detach().float().cpu(), dim=-1)
-                decay = best_decay(split, table, self.max_len)
-                scale = prior_scale(split, table, decay, self.max_len)
+                text = self.text_table().detach().float().cpu()
+                decay, power = best_prior(split, text, self.max_len)
+                mean, whiten = whitening(text, power)
+                self.head.prior_mean.copy_(mean)
+                self.head.prior_whiten.copy_(whiten)
+                scale = prior_scale(split, self.head.prior_vectors(text), decay, self.max_len)
             self.head.prior_decay.fill_(decay)
             self.head.prior_scale.data.fill_(math.log(scale))
         self.eval()  # built for scoring: dropout is on only inside a training epoch (common/train.py)
