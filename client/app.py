@@ -72,8 +72,7 @@ def work(phase: str, table: dict, arrays: ArrayRecord, node_config: dict
         metrics["upload-bytes"] = float(record_bytes(reply))
         metrics["download-bytes"] = float(record_bytes(arrays))
         return reply, metrics, session.name
-    # round 0 is the untrained start: a model to export only with the text prior (the zero-shot ranking)
-    candidate = server_round > 0 or config.model.text_prior
+    candidate = server_round >= config.model.first_candidate  # round 0, the untrained start: only with the prior
     session.personalise()
     metrics.update(session.evaluate(node.export_dir if candidate else None))
     state.save(server_round, session.checkpoint())  # keeps the best validation score so far

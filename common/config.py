@@ -103,6 +103,13 @@ class ModelConfig:
                 "the history's (latest items weighted most), times a learned scale; the learned part starts at 0, "
                 "so an untrained model ranks like MiniLM with no training and validation can keep that start"})
 
+    @property
+    def first_candidate(self) -> int:
+        """The first epoch (federated round) whose model may be kept and served: 0, the untrained start, only
+        with the text prior (it then ranks like MiniLM zero-shot, a model worth serving); else 1. Read by
+        ``common.train.fit``, the server's record and the client's export."""
+        return 0 if self.text_prior else 1
+
     def fusion_theta(self) -> float | None:
         if self.fusion == "learned":
             return None

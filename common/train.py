@@ -233,7 +233,7 @@ def fit(platforms: list[Platform], encoder: TextEncoder | None, config: PollenCo
     ``keep_start``: the starting state is a candidate too (epoch 0), for a phase that continues a trained model;
     always so with ``text-prior``, whose untrained model is the zero-shot ranking.
     """
-    keep_start = keep_start or config.model.text_prior
+    keep_start = keep_start or config.model.first_candidate == 0
     trainer = Trainer(platforms, encoder, config)
     result = FitResult(valid={p.split.name: [] for p in platforms})
     best: dict[str, tuple[float, dict]] = {}

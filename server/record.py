@@ -20,8 +20,10 @@ VALID = "valid-ndcg@10"
 
 
 class RunRecord:
-    def __init__(self, run_dir: Path, config: dict, num_rounds: int, log: Callable[[str], None] = print):
+    def __init__(self, run_dir: Path, config: dict, num_rounds: int, log: Callable[[str], None] = print,
+                 first_candidate: int = 1):
         self.run_dir, self.config, self.num_rounds, self.log = run_dir, config, num_rounds, log
+        self.first_candidate = first_candidate  # ModelConfig.first_candidate: round 0 only with the text prior
         self.evaluations: dict[int, dict[str, dict[str, float]]] = {}
         self.training: dict[int, dict[str, dict[str, float]]] = {}
         self.round_seconds: dict[int, float] = {}
@@ -55,11 +57,10 @@ class RunRecord:
     def selected(self) -> dict[str, dict]:
         """Per platform: the candidate round (trained, or round 0 with the text prior) with the best validation
         NDCG@10 and its test metrics."""
-        first = 0 if self.config.get("text-prior") else 1
         out: dict[str, dict] = {}
         for rnd, per_platform in sorted(self.evaluations.items()):
             for name, m in per_platform.items():
-                if rnd >= first and m["valid-ndcg@10"] > out.get(name, {}).get("valid-ndcg@10", -1.0):
+                if rnd >= self.first_candidate and m["valid-ndcg@10"] > out.get(name, {}).get("valid-ndcg@10", -1.0):
                     out[name] = {"round": rnd, "valid-ndcg@10": m["valid-ndcg@10"],
                                  "test": {k[5:]: v for k, v in m.items() if k.startswith("test-")}}
         return out

@@ -186,6 +186,36 @@ def test_whitening_makes_the_catalogue_covariance_the_identity_and_power_0_chang
     torch.testing.assert_close(half.norm(dim=-1)[1:], torch.ones(499))
 
 
+def test_the_prior_columns_are_made_once_per_text_table_and_again_when_it_or_the_whitening_changes():
+    """``RecommendationHead.prior_vectors`` keeps the whitened columns of a constant table (no LoRA) instead of
+    redoing the 384 x 384 product at every step; an in-place change of the table or of the whitening, a new
+    table, and a table that carries a gradient (LoRA) all get fresh columns, always equal to ``prior_items``."""
+    from common.baselines import whitening
+    from common.model.head import RecommendationHead, prior_items
+
+    config = PollenConfig().replace(**{"text-prior": True})
+    head = RecommendationHead(99, 16, config.model, config.data)
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randn(100, 16, generator=generator)
+    text[0] = 0
+    first = head.prior_vectors(text)
+    assert head.prior_vectors(text) is first and head.prior_vectors(text.detach()) is first  # same table
+    mean, whiten = whitening(text, 1.0)
+    head.load_state_dict({**head.state_dict(), "prior_mean": mean, "prior_whiten": whiten})
+    whitened = head.prior_vectors(text)
+    assert whitened is not first
+    torch.testing.assert_close(whitened, prior_items(text, mean, whiten))
+    text[5] += 1.0  # the table changed in place
+    torch.testing.assert_close(head.prior_vectors(text), prior_items(text, mean, whiten))
+    torch.testing.assert_close(head.prior_vectors(text.clone() * 2), prior_items(text * 2, mean, whiten))
+    with torch.inference_mode():  # scoring's table: an inference tensor has no version counter
+        frozen = text.clone()
+    assert head.prior_vectors(frozen) is head.prior_vectors(frozen)
+    live = text.clone().requires_grad_()
+    columns = head.prior_vectors(live)
+    assert columns.requires_grad and columns is not head.prior_vectors(live)
+
+
 @pytest.mark.parametrize("power", [0.0, 1.0])
 def test_an_untrained_text_prior_model_ranks_like_zero_shot_and_fit_can_keep_it(tiny_bert, power, monkeypatch):
     """``text-prior``: before training the score is the zero-shot text ranking exactly (scaled), whitened or not,

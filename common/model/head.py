@@ -46,6 +46,7 @@ class RecommendationHead(nn.Module):
             # the catalogue's whitening of its text vectors (mean, matrix), set by Recommender; identity = none
             self.register_buffer("prior_mean", torch.zeros(text_dim))
             self.register_buffer("prior_whiten", torch.eye(text_dim))
+        self._prior_columns: tuple | None = None  # (key, text table, its prior columns): prior_vectors' cache
         # the prior's columns are functions of the frozen text alone unless LoRA adapts the encoder: then no
         # gradient flows through them (one catalogue-wide product instead of three, per user under DP)
         self.prior_constant = model.lora_layers == 0
@@ -123,8 +124,16 @@ class RecommendationHead(nn.Module):
 
     def prior_vectors(self, text: torch.Tensor) -> torch.Tensor:
         """The text prior's item columns: the frozen text vectors, whitened for the catalogue and normalised (no
-        trained parameter)."""
-        return prior_items(text, self.prior_mean, self.prior_whiten)
+        trained parameter). Without LoRA the text table is the same between refreshes, so its columns are made
+        once and kept, keyed on the storage and in-place version of the table and of the whitening (the
+        catalogue-wide 384 x 384 product at every step cost 18 ms on Scientific, 55 ms on Last.fm, one thread)."""
+        if text.requires_grad:  # LoRA's live items: the columns carry a gradient, made afresh each step
+            return prior_items(text, self.prior_mean, self.prior_whiten)
+        key = tuple((t.data_ptr(), t.shape, -1 if t.is_inference() else t._version)  # no version counter there
+                    for t in (text, self.prior_mean, self.prior_whiten))
+        if self._prior_columns is None or self._prior_columns[0] != key:  # the table is held: no reused storage
+            self._prior_columns = (key, text, prior_items(text, self.prior_mean, self.prior_whiten))
+        return self._prior_columns[2]
 
     def similarity(self, states: torch.Tensor, items: torch.Tensor, prior: torch.Tensor | None = None
                    ) -> torch.Tensor:
