@@ -212,8 +212,8 @@ def summarise(runs: dict[int, dict]) -> dict:
     local-only of every metric with its sign per seed."""
     seeds = sorted(runs)
     first = runs[seeds[0]]
-    out = {"seeds": seeds, "budget_epochs": first["budget_epochs"], "patience": first["patience"],
-           "config": first["config"], "methods": {}}
+    out = {"seeds": seeds, "methods": {}, **{k: first[k] for k in ("budget_epochs", "patience", "config",
+                                                                     "full_model_bytes", "adapter_bytes") if k in first}}
     for method in first["methods"]:
         per = [runs[s]["methods"][method] for s in seeds]
         test = {platform: {metric: spread([p["test"][platform][metric] for p in per])
@@ -286,7 +286,7 @@ def markdown(results: dict) -> str:
     if fed:
         per = first(fed["upload_bytes_per_client_per_round"])
         lines += ["### Communication", "",
-                  f"Bytes uploaded per client per round: {max(per.values()):,.0f} (the LoRA adapter); "
+                  f"Bytes uploaded per client per round: {max(per.values()):,.0f} (the shared adapters); "
                   f"full model: {results['full_model_bytes']:,} bytes; ratio "
                   f"{max(per.values()) / results['full_model_bytes']:.4%}.", ""]
     return "\n".join(lines)

@@ -8,7 +8,7 @@ from common.config import PollenConfig
 from common.data.sources import load_split, platform_names
 from common.model.encoder import TOKEN_CAP, TextEncoder, token_budget
 from common.train import should_stop
-from simulations.benchmark import run_seeds, summarise
+from simulations.benchmark import markdown, run_seeds, summarise
 
 
 def test_token_budget_fits_95_percent_of_the_catalogue(tiny_bert):
@@ -59,8 +59,10 @@ def test_fit_stops_early_and_keeps_the_best_epoch(tiny_bert):
 
 
 def _run(methods: dict[str, dict[str, float]]) -> dict:
-    return {"budget_epochs": 5, "patience": 2, "config": {}, "seed": 0,
-            "methods": {m: {"test": {"shop": metrics}, "seconds": 1.0} for m, metrics in methods.items()}}
+    return {"budget_epochs": 5, "patience": 2, "config": {}, "seed": 0, "full_model_bytes": 10_000,
+            "adapter_bytes": 100, "methods": {m: {"test": {"shop": metrics}, "seconds": 1.0,
+                                                   "upload_bytes_per_client_per_round": {"shop": 100}}
+                                               for m, metrics in methods.items()}}
 
 
 def test_seed_summary_mean_sd_and_paired_signs_by_hand():
@@ -76,6 +78,8 @@ def test_seed_summary_mean_sd_and_paired_signs_by_hand():
     assert diff["seeds"] == pytest.approx([0.02, -0.01, 0.05])
     assert diff["mean"] == pytest.approx(0.02) and diff["signs"] == "+-+"
     assert diff["std"] == pytest.approx(np.std([0.02, -0.01, 0.05], ddof=1))
+    table = markdown(out)  # the seeds' summary renders whole, the federation's share of the model included
+    assert "| local-only | 0.2000 ± 0.1000 |" in table and "ratio 1.0000%" in table
 
 
 @pytest.mark.integration
