@@ -3,7 +3,7 @@
     python -m simulations.benchmark --data-dir ../shared/data
 
 Platforms (config 'platforms'): e-commerce = Amazon Office (ReChorus), social = Last.fm sequences (RecBole),
-video = MovieLens-100K (RecBole). Methods: popularity, SASRec on item IDs, zero-shot frozen text, LoRA+head
+video = MovieLens-100K (RecBole). Methods: popularity, SASRec on item IDs, zero-shot frozen text, the head
 trained on each platform alone, Pollen's federation, and the centralised (pooled, privacy-violating) reference;
 optional: LoRA after the frozen encoder, and the pooled reference fine-tuned per platform (the most a federation
 of these platforms, then personalised, could give its members).
