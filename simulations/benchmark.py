@@ -212,8 +212,8 @@ def summarise(runs: dict[int, dict]) -> dict:
     local-only of every metric with its sign per seed."""
     seeds = sorted(runs)
     first = runs[seeds[0]]
-    out = {"seeds": seeds, "methods": {}, **{k: first[k] for k in ("budget_epochs", "patience", "config",
-                                                                     "full_model_bytes", "adapter_bytes") if k in first}}
+    same = ("budget_epochs", "patience", "config", "full_model_bytes", "adapter_bytes")  # alike for every seed
+    out = {"seeds": seeds, **{k: first[k] for k in same if k in first}, "methods": {}}
     for method in first["methods"]:
         per = [runs[s]["methods"][method] for s in seeds]
         test = {platform: {metric: spread([p["test"][platform][metric] for p in per])
