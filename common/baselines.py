@@ -47,8 +47,8 @@ def zero_shot_scorer(split: SplitData, encoder: TextEncoder, states: ItemStates,
     test ones). On Amazon Scientific the plain mean of the last 10 items gave test NDCG@10 0.048, decay 0.5
     0.071, decay 0.7 with full whitening 0.078."""
     text = encoder.encode_catalogue(states).detach().float().cpu()
-    decay, power = best_prior(split, text, window)
-    return _cosine_scorer(prior_items(text, *whitening(text, power)), decay, window)
+    decay, mean, whiten = best_prior(split, text, window)
+    return _cosine_scorer(prior_items(text, mean, whiten), decay, window)
 
 
 def whitening(text: torch.Tensor, power: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,16 +68,19 @@ def whitening(text: torch.Tensor, power: float) -> tuple[torch.Tensor, torch.Ten
     return mean.float(), ((vectors * values ** (-power / 2)) @ vectors.T).float()
 
 
-def best_prior(split: SplitData, text: torch.Tensor, window: int) -> tuple[float, float]:
-    """The recency weight of ``DECAYS`` and whitening power of ``WHITENINGS`` whose zero-shot ranking has the best
-    validation NDCG@10 on ``split`` (raw text vectors ``text`` [num_items + 1, k]); the text prior of a head
-    starts from them."""
-    scores = {}
+def best_prior(split: SplitData, text: torch.Tensor, window: int
+               ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(decay, mean, matrix): the recency weight of ``DECAYS`` and the whitening (``whitening`` at a power of
+    ``WHITENINGS``) whose zero-shot ranking has the best validation NDCG@10 on ``split`` (raw text vectors
+    ``text`` [num_items + 1, k]); the text prior of a head starts from them."""
+    scores, whitenings = {}, {}
     for power in WHITENINGS:
-        items = prior_items(text, *whitening(text, power))
+        whitenings[power] = whitening(text, power)
+        items = prior_items(text, *whitenings[power])
         for rate in DECAYS:
             scores[rate, power] = evaluate(_cosine_scorer(items, rate, window), split, "valid")["ndcg@10"]
-    return max(scores, key=scores.get)
+    decay, power = max(scores, key=scores.get)
+    return decay, *whitenings[power]
 
 
 SCALES = tuple(2.0 ** (k / 2) for k in range(-2, 13))  # text prior scales tried by prior_scale: 0.5 .. 64

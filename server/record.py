@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from common.config import PollenConfig
 from common.files import write_atomic, write_json
 
 SHOWN = "test-ndcg@10"
@@ -20,10 +21,9 @@ VALID = "valid-ndcg@10"
 
 
 class RunRecord:
-    def __init__(self, run_dir: Path, config: dict, num_rounds: int, log: Callable[[str], None] = print,
-                 first_candidate: int = 1):
+    def __init__(self, run_dir: Path, config: dict, num_rounds: int, log: Callable[[str], None] = print):
         self.run_dir, self.config, self.num_rounds, self.log = run_dir, config, num_rounds, log
-        self.first_candidate = first_candidate  # ModelConfig.first_candidate: round 0 only with the text prior
+        self.first_candidate = PollenConfig.from_flat(config).model.first_candidate  # round 0 only with the prior
         self.evaluations: dict[int, dict[str, dict[str, float]]] = {}
         self.training: dict[int, dict[str, dict[str, float]]] = {}
         self.round_seconds: dict[int, float] = {}

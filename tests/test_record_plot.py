@@ -1,6 +1,5 @@
 """The run's plot: test solid, validation dashed, both in the legend, each platform's best validation round marked."""
 
-from common.config import PollenConfig
 from server.record import RunRecord
 
 
@@ -33,8 +32,7 @@ def test_round_zero_is_a_candidate_only_with_the_text_prior(tmp_path):
     valid = [0.40, 0.30, 0.35]
     chosen = {}
     for prior in (False, True):
-        model = PollenConfig().replace(**{"text-prior": prior}).model
-        record = RunRecord(tmp_path / str(prior), {"text-prior": prior}, 2, lambda line: None, model.first_candidate)
+        record = RunRecord(tmp_path / str(prior), {"text-prior": prior}, 2, log=lambda line: None)
         for rnd, v in enumerate(valid):
             record.add_evaluation(rnd, {"shop": metrics(v / 2, v)})
         chosen[prior] = record.selected()["shop"]

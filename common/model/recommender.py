@@ -42,14 +42,13 @@ class Recommender(nn.Module):
         self._text_table: torch.Tensor | None = None
         self._table_version = -1
         if self.head.prior:  # the zero-shot recency weight and whitening (validation targets), scale (training items)
-            from common.baselines import PUBLIC_PRIOR, best_prior, prior_scale, whitening
+            from common.baselines import PUBLIC_PRIOR, best_prior, prior_scale
 
             if config.privacy.dp:  # fitted on users' data without noise, they would steer the noised updates
                 decay, scale = PUBLIC_PRIOR
             else:
                 text = self.text_table().detach().float().cpu()
-                decay, power = best_prior(split, text, self.max_len)
-                mean, whiten = whitening(text, power)
+                decay, mean, whiten = best_prior(split, text, self.max_len)
                 self.head.prior_mean.copy_(mean)
                 self.head.prior_whiten.copy_(whiten)
                 scale = prior_scale(split, self.head.prior_vectors(text), decay, self.max_len)
