@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import warnings
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,31 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+
+
+def keep_freed_memory() -> None:
+    """Keep freed memory in the process instead of handing it back to the kernel at every step (Linux, glibc).
+
+    glibc serves each block over 32 MB with its own mmap and unmaps it when freed; the kernel then zero-fills every
+    page again at the next touch. A training step over a large catalogue makes and frees several such blocks (the
+    logits over every item, their softmax and gradients): on Last.fm (11,853 items) a third of a step was page
+    faults. With mmap off and no trimming the heap is reused: a Last.fm step 0.87 -> 0.56 s, MovieLens-100K
+    0.23 -> 0.18 s (one thread, median of 23); peak memory of that Last.fm run 1.3 -> 1.9 GB, kept until the
+    process ends. Child processes (Ray's client workers, the benchmark's seeds) get the same through glibc's
+    environment variables; a user who sets MALLOC_MMAP_MAX_ keeps theirs."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_MAX_" in os.environ:
+        return
+    os.environ["MALLOC_MMAP_MAX_"] = "0"
+    os.environ["MALLOC_TRIM_THRESHOLD_"] = str(2**31 - 1)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: its allocator, its defaults
+        pass
+
+
+keep_freed_memory()
 
 
 def configure_threads(threads: int = 0) -> int:

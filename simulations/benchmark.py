@@ -312,20 +312,28 @@ def run_seeds_in_parallel(config: PollenConfig, methods: tuple[str, ...], seeds:
                           jobs: int, log=functools.partial(print, flush=True)) -> dict:
     """``run_seeds`` with up to ``jobs`` seeds at once, each a child process of one torch thread writing
     RUN/seed-N/benchmark.json and RUN/seed-N.log; then ``summarise``. On 2 cores two single-threaded
-    processes do more per second than one process with two threads (the head's operations are small)."""
+    processes do more per second than one process with two threads (the head's operations are small).
+    The seed-free methods run once, here, while the seeds train, and are merged into every seed's result."""
     run_dir = Path(config.federation.run_dir)
-    pending, running, runs = list(seeds), {}, {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    free = tuple(m for m in methods if m in SEED_FREE)
+    trained = tuple(m for m in methods if m not in SEED_FREE)
+    pending, running, runs, shared = list(seeds), {}, {}, None
     while pending or running:
         while pending and len(running) < jobs:
             seed = pending.pop(0)
             folder = run_dir / f"seed-{seed}"
             flags = [f"--{k}={v}" for k, v in config.replace(**{"seed": seed, "run-dir": str(folder),
                                                                   "threads": 1}).to_flat().items()]
-            command = [sys.executable, "-m", "simulations.benchmark", "--methods", ",".join(methods),
+            command = [sys.executable, "-m", "simulations.benchmark", "--methods", ",".join(trained),
                        "--cache-dir", cache_dir, *flags]
             output = open(run_dir / f"seed-{seed}.log", "w")
             running[seed] = (subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT), output)
             log(f"seed {seed}: started (log {run_dir / f'seed-{seed}.log'})")
+        if shared is None:
+            configure_threads(1)  # one core's share beside the seeds
+            seed_free = config.replace(**{"run-dir": str(run_dir / "seed-free")})
+            shared = run_benchmark(seed_free, free, cache_dir, log)["methods"] if free else {}
         time.sleep(5)
         for seed, (process, output) in list(running.items()):
             if process.poll() is not None:
@@ -334,7 +342,11 @@ def run_seeds_in_parallel(config: PollenConfig, methods: tuple[str, ...], seeds:
                 if process.returncode != 0:
                     raise RuntimeError(f"seed {seed} failed (exit {process.returncode}); see "
                                        f"{run_dir / f'seed-{seed}.log'}")
-                runs[seed] = json.loads((run_dir / f"seed-{seed}" / "benchmark.json").read_text())
+                path = run_dir / f"seed-{seed}" / "benchmark.json"
+                run = json.loads(path.read_text())
+                run["methods"] = {m: {**shared, **run["methods"]}[m] for m in methods}
+                write_json(path, run)
+                runs[seed] = run
                 log(f"seed {seed}: done")
     return summarise({seed: runs[seed] for seed in seeds})
 
@@ -364,7 +376,7 @@ def main() -> None:
     config = preflight(config, "benchmark", args.overwrite, federation=any(m.startswith("federated") for m in methods))
     configure_threads(config.train.threads)
     start = time.perf_counter()
-    if args.jobs > 1 and len(seeds) > 1:
+    if args.jobs > 1 and len(seeds) > 1 and set(methods) - set(SEED_FREE):
         results = run_seeds_in_parallel(config, methods, seeds, args.cache_dir, args.jobs)
     else:
         results = run_seeds(config, methods, seeds, args.cache_dir)

@@ -105,3 +105,27 @@ def test_every_benchmark_method_gets_the_same_budget(tiny_bert, tmp_path):
         for platform, epoch in per_seed.items():
             if epoch == 0:
                 assert tuned["test"][platform]["ndcg@10"]["seeds"][i] == pooled[platform]["ndcg@10"]["seeds"][i]
+
+
+@pytest.mark.integration
+def test_seeds_in_parallel_match_seeds_in_turn(tiny_bert, tmp_path):
+    """``--jobs``: each seed in its own process gives what the seeds give one after the other in one process;
+    the seed-free methods run once, in the parent, and every seed's own benchmark.json holds them too."""
+    import json
+
+    from simulations.benchmark import run_seeds_in_parallel
+
+    config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 0, "num-rounds": 2, "patience": 2,
+                                       "hidden-size": 16, "threads": 1})
+    methods, cache = ("popularity", "local-only"), str(tmp_path / "cache")
+    turn = run_seeds(config.replace(**{"run-dir": str(tmp_path / "turn")}), methods, [1, 2], cache,
+                     log=lambda line: None)
+    parallel = run_seeds_in_parallel(config.replace(**{"run-dir": str(tmp_path / "parallel")}), methods, [1, 2],
+                                     cache, jobs=2, log=lambda line: None)
+    for method in methods:
+        assert parallel["methods"][method]["test"] == turn["methods"][method]["test"], method
+    assert (tmp_path / "parallel" / "seed-free" / "benchmark.json").exists()
+    for seed in (1, 2):
+        run = json.loads((tmp_path / "parallel" / f"seed-{seed}" / "benchmark.json").read_text())
+        assert list(run["methods"]) == list(methods) and run["seed"] == seed
+    assert "[popularity]" not in (tmp_path / "parallel" / "seed-1.log").read_text()  # not evaluated by the seeds
