@@ -153,3 +153,22 @@ def test_device_check_runs_the_client_session_twice_from_one_start(tiny_bert, tm
     assert result["agree"] and result["round-0-score-difference"] == 0.0 and result["round-0-top10-overlap"] == 1.0
     assert [r["device"] for r in result["runs"]] == ["cpu", "cpu"]
     assert all(len(r["epochs"]) == 1 and r["epochs"][0]["seconds"] > 0 for r in result["runs"])
+
+
+def test_freed_memory_is_kept_in_every_process_unless_the_user_set_glibc_s_own_setting():
+    """common.runtime turns glibc's mmap of large blocks off in its own process (mallopt) and, through glibc's
+    environment variables, in every child (Ray's workers, the benchmark's seeds); a value the user set stays."""
+    import os
+    import subprocess
+    import sys
+
+    def child_sees(env: dict) -> str:
+        code = "import os, common.runtime, subprocess; print(subprocess.run(['env'], capture_output=True, " \
+               "text=True).stdout.count('MALLOC_MMAP_MAX_=0'))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              check=True).stdout.strip()
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if sys.platform.startswith("linux"):
+        assert child_sees(base) == "1"
+    assert child_sees({**base, "MALLOC_MMAP_MAX_": "65536"}) == "0"
