@@ -163,7 +163,7 @@ def test_freed_memory_is_kept_in_every_process_unless_the_user_set_glibc_s_own_s
     import sys
 
     def child_sees(env: dict) -> str:
-        code = "import os, common.runtime, subprocess; print(subprocess.run(['env'], capture_output=True, " \
+        code = "import common.runtime, subprocess; print(subprocess.run(['env'], capture_output=True, " \
                "text=True).stdout.count('MALLOC_MMAP_MAX_=0'))"
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                               check=True).stdout.strip()
