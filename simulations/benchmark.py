@@ -344,7 +344,8 @@ def run_seeds_in_parallel(config: PollenConfig, methods: tuple[str, ...], seeds:
                                        f"{run_dir / f'seed-{seed}.log'}")
                 path = run_dir / f"seed-{seed}" / "benchmark.json"
                 run = json.loads(path.read_text())
-                run["methods"] = {m: {**shared, **run["methods"]}[m] for m in methods}
+                merged = {**shared, **run["methods"]}
+                run["methods"] = {m: merged[m] for m in methods}  # in the order asked
                 write_json(path, run)
                 runs[seed] = run
                 log(f"seed {seed}: done")
