@@ -33,12 +33,22 @@ class DataConfig:
         "help": "drop users and items with fewer interactions than this (0 = keep all)", "values": ">= 0"})
     max_len: int = field(default=50, metadata={
         "help": "most recent history items the head sees", "values": ">= 1"})
+    window_stride: int = field(default=0, metadata={
+        "help": "training windows (max-len + 1 items) end every this many items of a history, so each item is "
+                "learned after max-len / stride contexts, the longest as long as ranking sees; max-len = windows "
+                "that do not overlap (each item once an epoch, cheapest); 0 = max-len / 5, rounded up",
+        "values": ">= 0, at most max-len"})
     synthetic_seed: int = field(default=0, metadata={
         "help": "seed of the embedded synthetic data (used without data-dir)", "values": "any integer"})
     # speed and scale (issue 6)
     clients_per_platform: int = field(default=1, metadata={
         "help": "simulation: each platform's users are dealt into this many silos, one client each",
         "values": ">= 1", "scope": "federation"})
+
+    @property
+    def stride(self) -> int:
+        """The training windows' stride (``window-stride``, its 0 resolved)."""
+        return self.window_stride or -(-self.max_len // 5)
 
     def platform_paths(self) -> list[tuple[str, str]]:
         pairs = []
@@ -274,6 +284,7 @@ class PollenConfig:
     def validate(self) -> None:
         checks = [
             (self.data.max_len >= 1, "max-len must be >= 1"),
+            (0 <= self.data.window_stride <= self.data.max_len, "window-stride must be >= 0 and at most max-len"),
             (self.model.lora_layers >= 0, "lora-layers must be >= 0"),
             (self.model.lora_rank >= 1, "lora-rank must be >= 1"),
             (self.model.text or self.model.item_ids, "a model needs text or item-ids"),

@@ -32,6 +32,7 @@ def test_flags_round_trip():
     ({"text": False, "item-ids": False}, "a model needs text or item-ids"),
     ({"loss": "bpr"}, "loss must be 'softmax' or 'sampled'"),
     ({"text": False, "text-prior": True}, "text-prior needs text = true"),
+    ({"max-len": 20, "window-stride": 25}, "window-stride must be >= 0 and at most max-len"),
 ])
 def test_bad_values_are_named(table, message):
     with pytest.raises(ValueError) as error:
