@@ -42,12 +42,11 @@ def training_pairs(split: SplitData, max_len: int, stride: int | None = None) ->
     each training sequence, ending every ``stride`` items from its end (None = max_len).
 
     Every training item is learned once per epoch, however long the history (SASRec's usual "last 50 only"
-    throws most of a long history away), and after as long a context as the history allows, up to max_len -
-    stride + 1 items: a window learns only its last ``stride`` targets (its first window, all of them). Windows
-    that do not overlap (stride = max_len) learn half their targets after fewer than max_len / 2 items, though
-    ranking always sees the last max_len; on MovieLens-100K and Last.fm that cost a sixth of the test NDCG@10. The
-    price is max_len / stride windows through the sequence encoder per epoch; the logits, the cost on a large
-    catalogue, stay one per training item.
+    throws most of a long history away), after as long a context as the history allows up to max_len - stride + 1
+    items: a window learns only its last ``stride`` targets (the window from the sequence's first item, all of its).
+    Windows that do not overlap (stride = max_len) learn half their targets after fewer than max_len / 2 items,
+    though ranking sees the last max_len. Overlap costs max_len / stride windows through the sequence encoder
+    per epoch; the logits, the cost on a large catalogue, stay one per training item.
     """
     windows = list(_windows(split.train_sequences(), max_len, stride))
     inputs = pad_left([w[:-1] for _, w, _ in windows], max_len)
