@@ -81,7 +81,7 @@ def _learned(targets: np.ndarray, new: int, blank=0) -> np.ndarray:
     """``targets`` with all but the last ``new`` set to ``blank`` (not learned in this window)."""
     if new >= len(targets):
         return targets
-    out = np.array(targets, dtype=np.float32 if blank != 0 else None)
+    out = np.array(targets)  # a copy (item indices, or float ratings with NaN blanks)
     out[:len(out) - new] = blank
     return out
 
