@@ -45,11 +45,6 @@ class DataConfig:
         "help": "simulation: each platform's users are dealt into this many silos, one client each",
         "values": ">= 1", "scope": "federation"})
 
-    @property
-    def stride(self) -> int:
-        """The training windows' stride (``window-stride``, its 0 resolved)."""
-        return self.window_stride or self.max_len
-
     def platform_paths(self) -> list[tuple[str, str]]:
         pairs = []
         for part in filter(None, (p.strip() for p in self.platforms.split(","))):

@@ -37,9 +37,9 @@ class Platform:
         return evaluate(self.model.score, self.split, which, rater=rater)
 
 
-def training_pairs(split: SplitData, max_len: int, stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def training_pairs(split: SplitData, max_len: int, stride: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-item targets [S, L] (target 0 = not learned here): windows of up to max_len + 1 items of
-    each training sequence, ending every ``stride`` items from its end (None = max_len).
+    each training sequence, ending every ``stride`` items from its end (0 = max_len, as ``window-stride``).
 
     Every training item is learned once per epoch, however long the history (SASRec's usual "last 50 only"
     throws most of a long history away), after as long a context as the history allows up to max_len - stride + 1
@@ -54,18 +54,18 @@ def training_pairs(split: SplitData, max_len: int, stride: int | None = None) ->
     return inputs, targets
 
 
-def rating_targets(split: SplitData, max_len: int, stride: int | None = None) -> torch.Tensor:
+def rating_targets(split: SplitData, max_len: int, stride: int = 0) -> torch.Tensor:
     """The explicit ratings of training_pairs' targets [S, L] (NaN = unrated, padding or not learned there)."""
     windows = _windows(split.train_ratings(), max_len, stride)
     return pad_left([_learned(w[1:], new, np.nan) for _, w, new in windows], max_len, fill=np.nan, dtype=np.float32)
 
 
-def window_owners(split: SplitData, max_len: int, stride: int | None = None) -> np.ndarray:
+def window_owners(split: SplitData, max_len: int, stride: int = 0) -> np.ndarray:
     """The user of each training window, in ``training_pairs`` order (the unit of user-level DP)."""
     return np.array([user for user, _, _ in _windows(split.train_sequences(), max_len, stride)], dtype=np.int64)
 
 
-def _windows(sequences, max_len: int, stride: int | None):
+def _windows(sequences, max_len: int, stride: int):
     """(user, window, new): each sequence's windows, latest first, back to the one that starts at its first item;
     a window learns its last ``new`` targets (the earlier ones a later window learns after a longer context)."""
     stride = stride or max_len
@@ -118,7 +118,7 @@ class Trainer:
         self.platforms = platforms
         self.encoder = encoder if config.model.text else None
         self.config = config.train
-        self.max_len, stride = config.data.max_len, config.data.stride
+        self.max_len, stride = config.data.max_len, config.data.window_stride
         self.pairs = [training_pairs(p.split, self.max_len, stride) for p in platforms]
         self.ratings = [rating_targets(p.split, self.max_len, stride) if p.model.head.rating is not None else None
                         for p in platforms]

@@ -117,7 +117,7 @@ def epoch_flops(split, config: PollenConfig, shape: EncoderShape, lengths: np.nd
     """(FLOPs, steps) of one product epoch: the catalogue refresh (top layers, no gradient) plus, per batch, the
     live items through the top layers with gradient and the head; batches and live items drawn as the Trainer
     draws them (same sizes, another seed)."""
-    inputs, targets = training_pairs(split, config.data.max_len, config.data.stride)
+    inputs, targets = training_pairs(split, config.data.max_len, config.data.window_stride)
     rng = np.random.default_rng(seed)
     batches = [idx for _, idx in batch_plan([inputs], config.train.batch_size, rng, config.train.max_steps)]
     total = encoder_flops(shape, lengths[1:], "top")
@@ -260,7 +260,7 @@ def main() -> None:
         # baseline: a fresh optimiser over the same parameters, a warm-up step, then timed steps
         optimizer = torch.optim.AdamW([{"params": list(model.head.parameters()), "lr": config.train.lr},
                                        {"params": encoder.lora_parameters(), "lr": config.train.lora_lr}])
-        inputs, targets = training_pairs(split, config.data.max_len, config.data.stride)
+        inputs, targets = training_pairs(split, config.data.max_len, config.data.window_stride)
         order = np.random.default_rng(1).permutation(len(inputs))
         batches = [order[i * args.naive_batch:(i + 1) * args.naive_batch] for i in range(args.naive_steps + 1)]
         model.train()
