@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -98,8 +99,9 @@ def fit_pooled(splits: list[SplitData], config: PollenConfig, budget: int, cache
     return encoder, platforms, fit(platforms, encoder, config, budget, log=log, label="[centralised] ")
 
 
-def load_splits(config: PollenConfig, log=print) -> list[SplitData]:
-    splits = [load_split(config.data, name) for name in platform_names(config.data)]
+def load_splits(config: PollenConfig, log=print, platform: str | None = None) -> list[SplitData]:
+    """The config's platforms, or only ``platform`` of them."""
+    splits = [load_split(config.data, name) for name in platform_names(config.data) if platform in (None, name)]
     for s in splits:
         log(f"{s.name}: {s.num_users:,} users, {s.num_items:,} items, "
             f"{sum(len(q) for q in s.sequences):,} interactions")
@@ -137,7 +139,8 @@ def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str
         elif method == "sasrec-id":
             id_config = config.replace(**SASREC_ID)
             test, best, ran = {}, {}, {}
-            for p in build_platforms(splits, id_config, None):
+            for split in splits:  # each seeded on its own: the same result alone (one job per platform)
+                p, = build_platforms([split], id_config, None)
                 r = fit([p], None, id_config, budget, log=log, label=f"[sasrec-id {p.split.name}] ")
                 test.update(r.test)
                 best.update(r.best_epoch)
@@ -186,7 +189,8 @@ def run_benchmark(config: PollenConfig, methods: tuple[str, ...], cache_dir: str
 
             folder = "federation" if method == "federated" else method
             run = simulate(config.replace(**FEDERATED_VARIANTS.get(method, {}),
-                                          **{"run-dir": str(Path(config.federation.run_dir) / folder)}))
+                                          **{"run-dir": str(Path(config.federation.run_dir) / folder)}),
+                           cpus=config.train.threads or None)  # one job of --jobs: one client at a time
             chosen = run.selected()
             upload = {name: per[name]["upload-bytes"] for per in run.training.values() for name in per}
             last = run.training[max(run.training)]
@@ -292,64 +296,145 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def seed_folder(run_dir: Path, seed: int, seeds: list[int]) -> Path:
+    return run_dir / f"seed-{seed}" if len(seeds) > 1 else run_dir  # one seed: the run folder itself
+
+
 def run_seeds(config: PollenConfig, methods: tuple[str, ...], seeds: list[int], cache_dir: str | None,
-              log=functools.partial(print, flush=True)) -> dict:
-    """The benchmark once per seed (each in RUN/seed-N), then ``summarise``; data is loaded once, and the
-    seed-free methods are evaluated once. Returns one seed's result as it is when only one seed ran."""
+              log=functools.partial(print, flush=True), platform: str | None = None) -> dict:
+    """The benchmark once per seed (each in RUN/seed-N), one method after another in this process, then
+    ``summarise``; data is loaded once, and the seed-free methods are evaluated once. Returns one seed's result
+    as it is when only one seed ran. ``platform``: that platform alone (methods that train each on its own)."""
     run_dir = Path(config.federation.run_dir)
-    splits = load_splits(config, log)
+    splits = load_splits(config, log, platform)
     runs: dict[int, dict] = {}
     for seed in seeds:
         log(f"== seed {seed} ==")
-        folder = run_dir / f"seed-{seed}" if len(seeds) > 1 else run_dir  # one seed: the run folder itself
-        seeded = config.replace(**{"seed": seed, "run-dir": str(folder)})
+        seeded = config.replace(**{"seed": seed, "run-dir": str(seed_folder(run_dir, seed, seeds))})
         runs[seed] = run_benchmark(seeded, methods, cache_dir, log, splits, reuse=runs[seeds[0]]["methods"]
                                    if runs else None)
     return runs[seeds[0]] if len(seeds) == 1 else summarise(runs)
 
 
-def run_seeds_in_parallel(config: PollenConfig, methods: tuple[str, ...], seeds: list[int], cache_dir: str,
-                          jobs: int, log=functools.partial(print, flush=True)) -> dict:
-    """``run_seeds`` with up to ``jobs`` seeds at once, each a child process of one torch thread writing
-    RUN/seed-N/benchmark.json and RUN/seed-N.log; then ``summarise``. On 2 cores two single-threaded
-    processes do more per second than one process with two threads (the head's operations are small).
-    The seed-free methods run once, here, while the seeds train, and are merged into every seed's result."""
+# methods that train each platform on its own: one job per platform. The others train all platforms together;
+# centralised-finetuned starts from the centralised fit, so the two share a job when both are asked for.
+PER_PLATFORM = ("sasrec-id", "local-only", "local-only-lora")
+# a job's expected cost, relative, per unit of its platforms' size (below); it only orders the queue (longest
+# first, so that no long job starts last), from the 3-seed benchmark's times on the shared data
+COST = {"sasrec-id": 2.5, "local-only": 1.0, "local-only-lora": 2.0, "centralised": 1.5}
+FEDERATED_COST = 2.2
+
+
+@dataclasses.dataclass
+class Job:
+    """Some methods of one seed, on one platform or on all: one child process of one thread."""
+    seed: int
+    methods: tuple[str, ...]
+    platform: str | None
+    cost: float
+
+    @property
+    def name(self) -> str:
+        return self.methods[0] + (f"-{self.platform}" if self.platform else "")
+
+
+def plan_jobs(methods: tuple[str, ...], seeds: list[int], splits: list[SplitData]) -> list[Job]:
+    """The trained methods of every seed as jobs, most expensive first. Size of a platform: its interactions
+    times (1 + items / 5,000): the encoder's work grows with the interactions, the logits' with the catalogue."""
+    size = {s.name: sum(len(q) for q in s.sequences) * (1 + s.num_items / 5000) for s in splits}
+    together = [m for m in methods if m not in PER_PLATFORM and m != "centralised-finetuned"]
+    if "centralised-finetuned" in methods:
+        together = [m for m in together if m != "centralised"] + [("centralised", "centralised-finetuned")
+                                                                   if "centralised" in methods else
+                                                                   ("centralised-finetuned",)]
+    jobs = []
+    for seed in seeds:
+        for m in together:
+            group = m if isinstance(m, tuple) else (m,)
+            cost = sum(COST.get(g, FEDERATED_COST) for g in group) * sum(size.values())
+            jobs.append(Job(seed, group, None, cost))
+        jobs += [Job(seed, (m,), name, COST[m] * size[name]) for m in methods if m in PER_PLATFORM for name in size]
+    return sorted(jobs, key=lambda job: -job.cost)
+
+
+def merge_jobs(parts: list[dict], shared: dict, methods: tuple[str, ...], platforms: list[str]) -> dict:
+    """One seed's benchmark.json from its jobs' and the seed-free methods' (``shared``): a method's per-platform
+    entries (test, best epoch, ...) joined in the platforms' order, its seconds added up; methods in the order
+    asked."""
+    merged = dict(shared)
+    for part in parts:
+        for method, entry in part["methods"].items():
+            if method not in merged:
+                merged[method] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in entry.items()}
+                continue
+            for key, value in entry.items():
+                if isinstance(value, dict):
+                    merged[method][key].update(value)
+                elif key == "seconds":
+                    merged[method][key] += value
+    for entry in merged.values():
+        for key, value in entry.items():
+            if isinstance(value, dict) and set(value) <= set(platforms):
+                entry[key] = {p: value[p] for p in platforms if p in value}
+    return {**{k: v for k, v in parts[0].items() if k != "methods"}, "methods": {m: merged[m] for m in methods}}
+
+
+def run_jobs(config: PollenConfig, methods: tuple[str, ...], seeds: list[int], cache_dir: str, jobs: int,
+             log=functools.partial(print, flush=True)) -> dict:
+    """``run_seeds`` as ``jobs`` child processes at a time, one torch thread each (on 2 cores two single-threaded
+    processes do more per second than one with two threads: the head's operations are small); a job is one
+    seed's method on one platform, or on all for the methods that train them together (a federation then runs
+    one client at a time), longest first. Each job writes RUN[/seed-N]/JOB/benchmark.json and JOB.log; the
+    seed-free methods run once, here, while the jobs train, and every seed's benchmark.json holds them too."""
     run_dir = Path(config.federation.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    splits = load_splits(config, log)
+    platforms = [s.name for s in splits]
     free = tuple(m for m in methods if m in SEED_FREE)
-    trained = tuple(m for m in methods if m not in SEED_FREE)
-    pending, running, runs, shared = list(seeds), {}, {}, None
-    while pending or running:
-        while pending and len(running) < jobs:
-            seed = pending.pop(0)
-            folder = run_dir / f"seed-{seed}"
-            flags = [f"--{k}={v}" for k, v in config.replace(**{"seed": seed, "run-dir": str(folder),
+    queue = plan_jobs(tuple(m for m in methods if m not in SEED_FREE), seeds, splits)
+    if len(queue) < 2:  # nothing to run beside it: this process, with all its threads
+        return run_seeds(config, methods, seeds, cache_dir, log)
+    left = {seed: sum(job.seed == seed for job in queue) for seed in seeds}
+    total, parts, running, runs, shared = len(queue), {seed: [] for seed in seeds}, {}, {}, None
+    while queue or running:
+        while queue and len(running) < jobs:
+            job = queue.pop(0)
+            folder = seed_folder(run_dir, job.seed, seeds) / job.name
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            flags = [f"--{k}={v}" for k, v in config.replace(**{"seed": job.seed, "run-dir": str(folder),
                                                                   "threads": 1}).to_flat().items()]
-            command = [sys.executable, "-m", "simulations.benchmark", "--methods", ",".join(trained),
-                       "--cache-dir", cache_dir, *flags]
-            output = open(run_dir / f"seed-{seed}.log", "w")
-            running[seed] = (subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT), output)
-            log(f"seed {seed}: started (log {run_dir / f'seed-{seed}.log'})")
+            command = [sys.executable, "-m", "simulations.benchmark", "--methods", ",".join(job.methods),
+                       "--jobs", "1", "--cache-dir", cache_dir, *(["--platform", job.platform] if job.platform
+                                                                   else []), *flags]
+            output = open(folder.with_suffix(".log"), "w")
+            running[job.seed, job.name] = (job, folder, subprocess.Popen(command, stdout=output,
+                                                                          stderr=subprocess.STDOUT), output)
+            log(f"seed {job.seed} {job.name}: started (log {folder.with_suffix('.log')})")
         if shared is None:
-            configure_threads(1)  # one core's share beside the seeds
+            configure_threads(1)  # one core's share beside the jobs
             seed_free = config.replace(**{"run-dir": str(run_dir / "seed-free")})
-            shared = run_benchmark(seed_free, free, cache_dir, log)["methods"] if free else {}
-        time.sleep(5)
-        for seed, (process, output) in list(running.items()):
-            if process.poll() is not None:
-                output.close()
-                del running[seed]
-                if process.returncode != 0:
-                    raise RuntimeError(f"seed {seed} failed (exit {process.returncode}); see "
-                                       f"{run_dir / f'seed-{seed}.log'}")
-                path = run_dir / f"seed-{seed}" / "benchmark.json"
-                run = json.loads(path.read_text())
-                merged = {**shared, **run["methods"]}
-                run["methods"] = {m: merged[m] for m in methods}  # in the order asked
-                write_json(path, run)
-                runs[seed] = run
-                log(f"seed {seed}: done")
-    return summarise({seed: runs[seed] for seed in seeds})
+            shared = run_benchmark(seed_free, free, cache_dir, log, splits)["methods"] if free else {}
+        time.sleep(2)
+        for key, (job, folder, process, output) in list(running.items()):
+            if process.poll() is None:
+                continue
+            output.close()
+            del running[key]
+            if process.returncode != 0:
+                raise RuntimeError(f"seed {job.seed} {job.name} failed (exit {process.returncode}); see "
+                                   f"{folder.with_suffix('.log')}")
+            part = json.loads((folder / "benchmark.json").read_text())
+            parts[job.seed].append(part)
+            left[job.seed] -= 1
+            done = total - len(queue) - len(running)
+            log(f"seed {job.seed} {job.name}: done in {sum(m['seconds'] for m in part['methods'].values()):.0f}s "
+                f"({done}/{total} jobs)")
+            if not left[job.seed]:
+                run = merge_jobs(parts[job.seed], shared, methods, platforms)
+                run.update(seed=job.seed, config=config.replace(**{
+                    "seed": job.seed, "run-dir": str(seed_folder(run_dir, job.seed, seeds))}).to_flat())
+                write_json(seed_folder(run_dir, job.seed, seeds) / "benchmark.json", run)
+                runs[job.seed] = run
+    return runs[seeds[0]] if len(seeds) == 1 else summarise({seed: runs[seed] for seed in seeds})
 
 
 def main() -> None:
@@ -358,8 +443,12 @@ def main() -> None:
         METHODS + OPTIONAL + tuple(FEDERATED_VARIANTS)))
     parser.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 42,43,44: every method runs once "
                         "per seed; results as mean ± s.d. (default: config 'seed' alone)")
-    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process with "
-                        "one thread (default 1: one after the other in this process)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="child processes at once, one "
+                        "thread each; a job is one seed's method on one platform, or on all platforms for the "
+                        "methods that train them together (default: one per core; 1 = everything one after "
+                        "another in this process, with --threads)")
+    parser.add_argument("--platform", default=None, help=f"only this platform (methods {', '.join(PER_PLATFORM)} "
+                        "and the seed-free ones; what each job of --jobs runs)")
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="where frozen-layer item states are kept")
     add_flags(parser, PollenConfig().replace(**{"data-dir": "../shared/data", "num-rounds": BUDGET_EPOCHS}))
     add_run_flags(parser)
@@ -374,13 +463,22 @@ def main() -> None:
     unknown = sorted(set(methods) - set(known))
     if unknown or not methods:
         raise ConfigError(f"--methods: unknown {unknown or 'empty'}; expected some of {known}")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs: expected at least 1, got {args.jobs}")
+    if args.platform is not None:
+        if args.platform not in platform_names(config.data):
+            raise ConfigError(f"--platform: {args.platform!r} is not one of the platforms "
+                              f"{platform_names(config.data)}")
+        if set(methods) - set(PER_PLATFORM + SEED_FREE):
+            raise ConfigError(f"--platform: only with methods that train each platform alone ({PER_PLATFORM}) "
+                              f"or seed-free ones; got {sorted(set(methods) - set(PER_PLATFORM + SEED_FREE))}")
     config = preflight(config, "benchmark", args.overwrite, federation=any(m.startswith("federated") for m in methods))
     configure_threads(config.train.threads)
     start = time.perf_counter()
-    if args.jobs > 1 and len(seeds) > 1 and set(methods) - set(SEED_FREE):
-        results = run_seeds_in_parallel(config, methods, seeds, args.cache_dir, args.jobs)
+    if args.jobs > 1 and args.platform is None:
+        results = run_jobs(config, methods, seeds, args.cache_dir, args.jobs)
     else:
-        results = run_seeds(config, methods, seeds, args.cache_dir)
+        results = run_seeds(config, methods, seeds, args.cache_dir, platform=args.platform)
     results["seconds"] = time.perf_counter() - start
     run_dir = Path(config.federation.run_dir)
     write_json(run_dir / "benchmark.json", results)

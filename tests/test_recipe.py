@@ -108,24 +108,30 @@ def test_every_benchmark_method_gets_the_same_budget(tiny_bert, tmp_path):
 
 
 @pytest.mark.integration
-def test_seeds_in_parallel_match_seeds_in_turn(tiny_bert, tmp_path):
-    """``--jobs``: each seed in its own process gives what the seeds give one after the other in one process;
-    the seed-free methods run once, in the parent, and every seed's own benchmark.json holds them too."""
+def test_jobs_in_parallel_match_methods_in_turn(tiny_bert, tmp_path):
+    """``--jobs``: each seed's method on each platform in its own process gives what the methods give one after
+    the other in one process; the seed-free methods run once, in the parent, and every seed's own
+    benchmark.json holds them too, with the methods in the order asked and the platforms in the config's order."""
     import json
 
-    from simulations.benchmark import run_seeds_in_parallel
+    from simulations.benchmark import run_jobs
 
     config = PollenConfig().replace(**{"base-model": tiny_bert, "lora-layers": 0, "num-rounds": 2, "patience": 2,
                                        "hidden-size": 16, "threads": 1})
-    methods, cache = ("popularity", "local-only"), str(tmp_path / "cache")
+    methods, cache = ("popularity", "sasrec-id", "local-only"), str(tmp_path / "cache")
     turn = run_seeds(config.replace(**{"run-dir": str(tmp_path / "turn")}), methods, [1, 2], cache,
                      log=lambda line: None)
-    parallel = run_seeds_in_parallel(config.replace(**{"run-dir": str(tmp_path / "parallel")}), methods, [1, 2],
-                                     cache, jobs=2, log=lambda line: None)
+    parallel = run_jobs(config.replace(**{"run-dir": str(tmp_path / "parallel")}), methods, [1, 2], cache,
+                        jobs=2, log=lambda line: None)
     for method in methods:
         assert parallel["methods"][method]["test"] == turn["methods"][method]["test"], method
+        assert parallel["methods"][method].get("epochs_run") == turn["methods"][method].get("epochs_run"), method
     assert (tmp_path / "parallel" / "seed-free" / "benchmark.json").exists()
     for seed in (1, 2):
         run = json.loads((tmp_path / "parallel" / f"seed-{seed}" / "benchmark.json").read_text())
         assert list(run["methods"]) == list(methods) and run["seed"] == seed
-    assert "[popularity]" not in (tmp_path / "parallel" / "seed-1.log").read_text()  # not evaluated by the seeds
+        assert list(run["methods"]["local-only"]["test"]) == platform_names(config.data)
+        assert run["methods"]["local-only"]["seconds"] > 0
+        for platform in platform_names(config.data):  # one job, one log, per seed, method and platform
+            log = (tmp_path / "parallel" / f"seed-{seed}" / f"local-only-{platform}.log").read_text()
+            assert f"[local-only {platform}]" in log and "[popularity]" not in log
