@@ -8,7 +8,9 @@ trained on each platform alone, Pollen's federation, and the centralised (pooled
 optional: LoRA after the frozen encoder, and the pooled reference fine-tuned per platform (the most a federation
 of these platforms, then personalised, could give its members).
 Budget = num-rounds x local-epochs epochs for every trained method; each platform's reported model is its
-best epoch (or round) on validation. Writes benchmark.json and benchmark.md into the run folder.
+best epoch (or round) on validation. Writes benchmark.json and benchmark.md into the run folder. The work runs
+as ``--jobs`` child processes of one thread at a time (``run_jobs``): a job is one seed's method on one platform,
+or on all platforms for the methods that train them together.
 """
 
 from __future__ import annotations
@@ -321,8 +323,8 @@ def run_seeds(config: PollenConfig, methods: tuple[str, ...], seeds: list[int], 
 PER_PLATFORM = ("sasrec-id", "local-only", "local-only-lora")
 # a job's expected cost, relative, per unit of its platforms' size (below); it only orders the queue (longest
 # first, so that no long job starts last), from the 3-seed benchmark's times on the shared data
-COST = {"sasrec-id": 2.5, "local-only": 1.0, "local-only-lora": 2.0, "centralised": 1.5}
-FEDERATED_COST = 2.2
+COST = {"sasrec-id": 2.5, "local-only": 1.0, "local-only-lora": 2.0, "centralised": 1.5,
+        "centralised-finetuned": 1.0, "federated": 2.2}  # the federation's variants: as "federated"
 
 
 @dataclasses.dataclass
@@ -342,17 +344,12 @@ def plan_jobs(methods: tuple[str, ...], seeds: list[int], splits: list[SplitData
     """The trained methods of every seed as jobs, most expensive first. Size of a platform: its interactions
     times (1 + items / 5,000): the encoder's work grows with the interactions, the logits' with the catalogue."""
     size = {s.name: sum(len(q) for q in s.sequences) * (1 + s.num_items / 5000) for s in splits}
-    together = [m for m in methods if m not in PER_PLATFORM and m != "centralised-finetuned"]
-    if "centralised-finetuned" in methods:
-        together = [m for m in together if m != "centralised"] + [("centralised", "centralised-finetuned")
-                                                                   if "centralised" in methods else
-                                                                   ("centralised-finetuned",)]
+    pooled = tuple(m for m in ("centralised", "centralised-finetuned") if m in methods)
+    together = [(m,) for m in methods if m not in PER_PLATFORM + pooled] + ([pooled] if pooled else [])
     jobs = []
     for seed in seeds:
-        for m in together:
-            group = m if isinstance(m, tuple) else (m,)
-            cost = sum(COST.get(g, FEDERATED_COST) for g in group) * sum(size.values())
-            jobs.append(Job(seed, group, None, cost))
+        jobs += [Job(seed, group, None, sum(COST.get(m, COST["federated"]) for m in group) * sum(size.values()))
+                 for group in together]
         jobs += [Job(seed, (m,), name, COST[m] * size[name]) for m in methods if m in PER_PLATFORM for name in size]
     return sorted(jobs, key=lambda job: -job.cost)
 
@@ -420,6 +417,8 @@ def run_jobs(config: PollenConfig, methods: tuple[str, ...], seeds: list[int], c
             output.close()
             del running[key]
             if process.returncode != 0:
+                for other in running.values():  # no half-run job left behind
+                    other[2].terminate()
                 raise RuntimeError(f"seed {job.seed} {job.name} failed (exit {process.returncode}); see "
                                    f"{folder.with_suffix('.log')}")
             part = json.loads((folder / "benchmark.json").read_text())
@@ -470,7 +469,7 @@ def main() -> None:
             raise ConfigError(f"--platform: {args.platform!r} is not one of the platforms "
                               f"{platform_names(config.data)}")
         if set(methods) - set(PER_PLATFORM + SEED_FREE):
-            raise ConfigError(f"--platform: only with methods that train each platform alone ({PER_PLATFORM}) "
+            raise ConfigError(f"--platform: only with methods that train each platform alone ({', '.join(PER_PLATFORM)}) "
                               f"or seed-free ones; got {sorted(set(methods) - set(PER_PLATFORM + SEED_FREE))}")
     config = preflight(config, "benchmark", args.overwrite, federation=any(m.startswith("federated") for m in methods))
     configure_threads(config.train.threads)

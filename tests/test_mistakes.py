@@ -272,6 +272,22 @@ def test_driver_stops_on_a_bad_setting_before_any_work_in_one_line(platforms, tm
     assert "Traceback" not in done.stdout + done.stderr and "ray" not in (done.stdout + done.stderr).lower()
 
 
+@pytest.mark.parametrize("flags, line", [
+    (["--platform", "shoe"], "error: --platform: 'shoe' is not one of the platforms ['shop']"),
+    (["--platform", "shop", "--methods", "federated"],
+     "error: --platform: only with methods that train each platform alone (sasrec-id, local-only, "
+     "local-only-lora) or seed-free ones; got ['federated']"),
+    (["--jobs", "0"], "error: --jobs: expected at least 1, got 0")])
+def test_benchmark_job_flags_are_checked_before_any_work(platforms, tmp_path, flags, line):
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "simulations.benchmark", "--data-dir", str(platforms),
+                           "--platforms", "shop=shop-export", "--methods", "local-only", *flags,
+                           "--run-dir", str(tmp_path / "run")],
+                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [line]
+    assert not (tmp_path / "run").exists()
+
+
 # -- a federation: a failing node is named and the run stops at once --------------------------------------
 def test_a_failing_node_stops_the_federation_at_once_naming_its_platform(tiny_bert, platforms, tmp_path):
     """No preflight here (simulate is called directly): one platform's data breaks on its node."""

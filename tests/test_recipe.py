@@ -135,3 +135,16 @@ def test_jobs_in_parallel_match_methods_in_turn(tiny_bert, tmp_path):
         for platform in platform_names(config.data):  # one job, one log, per seed, method and platform
             log = (tmp_path / "parallel" / f"seed-{seed}" / f"local-only-{platform}.log").read_text()
             assert f"[local-only {platform}]" in log and "[popularity]" not in log
+
+
+def test_jobs_plan_each_platform_alone_and_the_pooled_pair_together():
+    from simulations.benchmark import load_splits, plan_jobs
+
+    splits = load_splits(PollenConfig(), log=lambda line: None)
+    plan = plan_jobs(("federated", "centralised", "centralised-finetuned", "local-only"), [1, 2], splits)
+    names = sorted((job.seed, job.name) for job in plan)
+    assert names == sorted([(seed, name) for seed in (1, 2) for name in
+                            ("federated", "centralised", *(f"local-only-{s.name}" for s in splits))])
+    pooled = [job for job in plan if job.name == "centralised"]
+    assert all(job.methods == ("centralised", "centralised-finetuned") and job.platform is None for job in pooled)
+    assert [job.cost for job in plan] == sorted((job.cost for job in plan), reverse=True)  # longest first

@@ -216,12 +216,13 @@ class SequenceEncoder(nn.Module):
         super().__init__()
         d = model.hidden_size
         self.position = nn.Embedding(max_len, d)
-        layer = nn.TransformerEncoderLayer(d, model.head_heads, dim_feedforward=d, dropout=model.dropout,
+        # parameters only (its dropout modules are never called): ``_encode`` runs the layers
+        layer = nn.TransformerEncoderLayer(d, model.head_heads, dim_feedforward=d, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, model.head_layers, enable_nested_tensor=False)
         self.input_norm = nn.LayerNorm(d)
         self.output_norm = nn.LayerNorm(d)
-        self.p = model.dropout
+        self.dropout_p = model.dropout
         self.heads = model.head_heads
 
     def forward(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -243,7 +244,7 @@ class SequenceEncoder(nn.Module):
         padding [B, L]. Attention is ``scaled_dot_product_attention`` unless dropout is on, whose mask on the
         attention weights this spells out too (PyTorch's would draw it with ``bernoulli_``)."""
         length = sequences.shape[1]
-        p = self.p if self.training else 0.0
+        p = self.dropout_p if self.training else 0.0
         x = items[sequences] * math.sqrt(items.shape[1])
         x = dropout(self.input_norm(x + self.position.weight[-length:][None]), p)
         pad = sequences == 0
