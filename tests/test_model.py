@@ -121,6 +121,32 @@ def test_sampled_negative_loss_trains(tiny_bert):
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
+def test_bfloat16_training_logits_give_the_float32_loss_and_gradients_and_leave_scoring_alone():
+    """``logits-dtype bfloat16``: the catalogue-wide training logits' products in bfloat16; the loss and every
+    gradient stay within bfloat16's rounding of float32's, and scoring is float32 whatever the setting."""
+    split = leave_one_out(generate(SyntheticConfig())[0])
+    base = PollenConfig().replace(**{"text": False, "item-ids": True, "dropout": 0.0})
+    models = {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        models[dtype] = Recommender(split, base.replace(**{"logits-dtype": dtype}), None)
+    histories = [h for h in split.eval_inputs("valid")[0] if len(h) >= 9][:32]
+    x = torch.as_tensor(np.stack([h[-9:-1] for h in histories]))  # 8 items, each followed by its target
+    y = torch.as_tensor(np.stack([h[-8:] for h in histories]))
+    grads, losses = {}, {}
+    for dtype, model in models.items():
+        model.train()
+        loss = model.loss(x, y, None)
+        loss.backward()
+        losses[dtype] = loss.item()
+        grads[dtype] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.eval()
+    assert losses["bfloat16"] != losses["float32"] and losses["bfloat16"] == pytest.approx(losses["float32"], rel=1e-3)
+    errors = [((a - b).norm() / a.norm()).item() for a, b in zip(grads["float32"], grads["bfloat16"])]
+    assert len(errors) > 5 and max(errors) < 0.01, errors  # bfloat16 keeps 8 bits: about 0.4% per number
+    assert torch.equal(models["float32"].score(histories), models["bfloat16"].score(histories))
+
+
 def test_client_private_state_survives_a_new_process_session(tiny_bert, tmp_path):
     """What a node keeps on its disk between messages (head, optimiser, RNG) restores exactly into a fresh session."""
     from client.session import ClientSession

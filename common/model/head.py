@@ -135,8 +135,8 @@ class RecommendationHead(nn.Module):
             self._prior_columns = (key, text, prior_items(text, self.prior_mean, self.prior_whiten))
         return self._prior_columns[2]
 
-    def similarity(self, states: torch.Tensor, items: torch.Tensor, prior: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+    def similarity(self, states: torch.Tensor, items: torch.Tensor, prior: torch.Tensor | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
         """Logits [..., n] of user states [..., d] against item vectors [..., n, d]: a dot product, or with a
         temperature the cosine / temperature (UniSRec), which keeps text vectors of any norm on one scale; plus
         the text prior's scale x cosine. The prior's cosines are a product of constants (the frozen text), so
@@ -144,12 +144,18 @@ class RecommendationHead(nn.Module):
         they are slices of tensors whose learned columns do need gradients).
         ``prior``: the prior's item columns given apart, ``items`` then holding the learned ones alone (DP takes
         per-user gradients of the learned table: slicing one wide table would make each user's gradient as wide
-        as the whole table, 7x the work)."""
+        as the whole table, 7x the work). ``dtype``: the learned logits' product in that format (training's
+        ``logits-dtype``), returned in the states' format."""
         w = self.width
         user, (item, item_text) = states[..., :w], self._columns(items, prior)
         if self.temperature:
             user, item = F.normalize(user, dim=-1) / self.temperature, F.normalize(item, dim=-1)
-        logits = item.scores(user) if isinstance(item, TextSpaceItems) else user @ item.transpose(-1, -2)
+        if isinstance(item, TextSpaceItems):
+            logits = item.scores(user)
+        elif dtype is not None and dtype != user.dtype:
+            logits = (user.to(dtype) @ item.to(dtype).transpose(-1, -2)).to(user.dtype)
+        else:
+            logits = user @ item.transpose(-1, -2)
         if self.prior:
             user = states[..., w:]
             if self.prior_constant:

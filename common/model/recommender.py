@@ -35,6 +35,7 @@ class Recommender(nn.Module):
         self.head = RecommendationHead(split.num_items, text_dim, config.model, config.data,
                                        self.encoder.shared if self.encoder is not None else None)
         self.rating_weight = config.model.rating_weight
+        self.logits_dtype = getattr(torch, config.train.logits_dtype)  # training's catalogue-wide logits
         if self.head.rating is not None and split.ratings is not None:
             rated = np.concatenate(split.train_ratings())
             if not np.isnan(rated).all():
@@ -94,7 +95,8 @@ class Recommender(nn.Module):
         keep = targets > 0
         states, targets = states[keep], targets[keep]
         if kind == "softmax":
-            logits = self.head.similarity(states, items[1:])  # the padding item is never a candidate
+            # the padding item is never a candidate
+            logits = self.head.similarity(states, items[1:], dtype=self.logits_dtype)
             return F.cross_entropy(logits, targets - 1) + extra
         sampled = torch.randint(1, self.num_items + 1, (negatives,), generator=generator).to(items.device)
         positive = self.head.similarity(states[:, None, :], items[targets][:, None, :]).squeeze(-1)
@@ -118,13 +120,13 @@ class Recommender(nn.Module):
         the text prior's constant columns apart as ``prior``: ``RecommendationHead.similarity``)."""
         states = self.head.user_states(inputs, items, prior)
 
-        def similarity(states, index):
-            return self.head.similarity(states, items[index], None if prior is None else prior[index])
+        def similarity(states, index, dtype=None):
+            return self.head.similarity(states, items[index], None if prior is None else prior[index], dtype)
 
         keep = (targets > 0).to(states.dtype)
         count = keep.sum().clamp(min=1.0)
         if negatives is None:
-            logits = similarity(states, slice(1, None))
+            logits = similarity(states, slice(1, None), self.logits_dtype)
             nll = F.cross_entropy(logits.flatten(0, -2), (targets - 1).clamp(min=0).flatten(), reduction="none")
         else:
             positive = similarity(states[..., None, :], targets[..., None]).squeeze(-1)
