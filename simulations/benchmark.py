@@ -428,10 +428,10 @@ def run_jobs(config: PollenConfig, methods: tuple[str, ...], seeds: list[int], c
             log(f"seed {job.seed} {job.name}: done in {sum(m['seconds'] for m in part['methods'].values()):.0f}s "
                 f"({done}/{total} jobs)")
             if not left[job.seed]:
+                home = seed_folder(run_dir, job.seed, seeds)
                 run = merge_jobs(parts[job.seed], shared, methods, platforms)
-                run.update(seed=job.seed, config=config.replace(**{
-                    "seed": job.seed, "run-dir": str(seed_folder(run_dir, job.seed, seeds))}).to_flat())
-                write_json(seed_folder(run_dir, job.seed, seeds) / "benchmark.json", run)
+                run.update(seed=job.seed, config=config.replace(**{"seed": job.seed, "run-dir": str(home)}).to_flat())
+                write_json(home / "benchmark.json", run)
                 runs[job.seed] = run
     return runs[seeds[0]] if len(seeds) == 1 else summarise({seed: runs[seed] for seed in seeds})
 
