@@ -144,11 +144,13 @@ class TrainConfig:
         "values": ">= 1"})
     loss: str = field(default="softmax", metadata={
         "help": "softmax over the whole catalogue, or over sampled negatives", "choices": ("softmax", "sampled")})
-    logits_dtype: str = field(default="float32", metadata={
+    logits_dtype: str = field(default="auto", metadata={
         "help": "number format of the training logits' matrix products over the whole catalogue (forward and both "
                 "backward), most of an epoch on a large catalogue; bfloat16 took a third off SASRec-ID's Last.fm "
-                "epoch on a CPU with AVX512-BF16 at the same test NDCG@10 (README, Speed and scale); scoring is "
-                "always float32", "choices": ("float32", "bfloat16")})
+                "epoch on a CPU with AVX512-BF16 at the same test NDCG@10 over 3 seeds, and the 3-seed benchmark "
+                "from 72 to 55 minutes (README, Speed and scale); auto = bfloat16 where the hardware multiplies it "
+                "natively (a CUDA GPU with bfloat16; a CPU with AVX512-BF16 or AMX), else float32; scoring is always "
+                "float32", "choices": ("auto", "float32", "bfloat16")})
     negatives: int = field(default=256, metadata={"help": "negatives per step for loss = sampled",
                                                   "values": ">= 1"})
     seed: int = field(default=42, metadata={"help": "seed of the adapter's start, the head and the data order",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import warnings
@@ -68,6 +69,29 @@ def resolve_device(name: str = "auto") -> "torch.device":
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but no CUDA GPU is available")
     return device
+
+
+def logits_dtype(setting: str, device: str = "auto") -> "torch.dtype":
+    """The ``logits-dtype`` setting as a torch dtype. 'auto': bfloat16 where its matrix products run natively (a
+    CUDA GPU that has them; a CPU with AVX512-BF16 or AMX, read from Linux's /proc/cpuinfo), float32 elsewhere,
+    where bfloat16 is emulated and slower than float32."""
+    import torch
+
+    if setting != "auto":
+        return getattr(torch, setting)
+    if resolve_device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if native_bfloat16_cpu() else torch.float32
+
+
+@functools.cache
+def native_bfloat16_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def default_cache_dir() -> str:

@@ -1,5 +1,7 @@
 """The encoder's cached-bottom / LoRA-top split computes what the plain model computes; the adapter round-trips."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -145,6 +147,19 @@ def test_bfloat16_training_logits_give_the_float32_loss_and_gradients_and_leave_
     errors = [((a - b).norm() / a.norm()).item() for a, b in zip(grads["float32"], grads["bfloat16"])]
     assert len(errors) > 5 and max(errors) < 0.01, errors  # bfloat16 keeps 8 bits: about 0.4% per number
     assert torch.equal(models["float32"].score(histories), models["bfloat16"].score(histories))
+
+
+def test_auto_logits_dtype_is_bfloat16_where_the_cpu_multiplies_it_natively():
+    """``logits-dtype auto`` on a CPU: bfloat16 with AVX512-BF16 or AMX (emulated elsewhere: slower than float32)."""
+    from common.runtime import logits_dtype
+
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert logits_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert (logits_dtype("float32", "cpu"), logits_dtype("bfloat16", "cpu")) == (torch.float32, torch.bfloat16)
+    split = leave_one_out(generate(SyntheticConfig())[0])
+    assert Recommender(split, PollenConfig().replace(**{"text": False, "item-ids": True}), None).logits_dtype == \
+        logits_dtype("auto", "cpu")
 
 
 def test_client_private_state_survives_a_new_process_session(tiny_bert, tmp_path):

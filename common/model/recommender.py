@@ -18,6 +18,7 @@ from common.config import PollenConfig
 from common.data.split import SplitData
 from common.model.encoder import ItemStates, TextEncoder
 from common.model.head import RecommendationHead
+from common.runtime import logits_dtype
 
 
 class Recommender(nn.Module):
@@ -35,7 +36,7 @@ class Recommender(nn.Module):
         self.head = RecommendationHead(split.num_items, text_dim, config.model, config.data,
                                        self.encoder.shared if self.encoder is not None else None)
         self.rating_weight = config.model.rating_weight
-        self.logits_dtype = getattr(torch, config.train.logits_dtype)  # training's catalogue-wide logits
+        self.logits_dtype = logits_dtype(config.train.logits_dtype, config.train.device)  # training's, catalogue-wide
         if self.head.rating is not None and split.ratings is not None:
             rated = np.concatenate(split.train_ratings())
             if not np.isnan(rated).all():
