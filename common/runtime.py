@@ -86,6 +86,7 @@ def logits_dtype(setting: str, device: str = "auto") -> "torch.dtype":
 
 @functools.cache
 def native_bfloat16_cpu() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX); read once a process."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(next((line for line in f if line.startswith("flags")), "").split())

@@ -465,12 +465,13 @@ def main() -> None:
     if args.jobs < 1:
         raise ConfigError(f"--jobs: expected at least 1, got {args.jobs}")
     if args.platform is not None:
-        if args.platform not in platform_names(config.data):
-            raise ConfigError(f"--platform: {args.platform!r} is not one of the platforms "
-                              f"{platform_names(config.data)}")
-        if set(methods) - set(PER_PLATFORM + SEED_FREE):
-            raise ConfigError(f"--platform: only with methods that train each platform alone ({', '.join(PER_PLATFORM)}) "
-                              f"or seed-free ones; got {sorted(set(methods) - set(PER_PLATFORM + SEED_FREE))}")
+        names = platform_names(config.data)
+        if args.platform not in names:
+            raise ConfigError(f"--platform: {args.platform!r} is not one of the platforms {names}")
+        together = sorted(set(methods) - set(PER_PLATFORM + SEED_FREE))
+        if together:
+            raise ConfigError(f"--platform: only with methods that train each platform alone "
+                              f"({', '.join(PER_PLATFORM)}) or seed-free ones; got {together}")
     config = preflight(config, "benchmark", args.overwrite, federation=any(m.startswith("federated") for m in methods))
     configure_threads(config.train.threads)
     start = time.perf_counter()
