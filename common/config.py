@@ -107,6 +107,10 @@ class ModelConfig:
         "help": "add the text prior to every score: the cosine of an item's pretrained text vector with a mean of "
                 "the history's (latest items weighted most), times a learned scale; the learned part starts at 0, "
                 "so an untrained model ranks like MiniLM with no training and validation can keep that start"})
+    popularity_prior: bool = field(default=False, metadata={
+        "help": "with text-prior: add w x log(1 + the item's training users) to every score (users weighted so "
+                "each adds norm 1, common/data/split.py user_popularity), w learned from 0; under DP the counts are "
+                "released once with Gaussian noise, a dp-popularity-share of dp-epsilon"})
 
     @property
     def first_candidate(self) -> int:
@@ -218,6 +222,10 @@ class PrivacyConfig:
                                                   "values": "> 0"})
     dp_delta: float = field(default=0.0, metadata={"help": "delta of the reported epsilon",
                                                    "values": "[0, 1) (0 = 1 / training users)"})
+    dp_popularity_share: float = field(default=0.5, metadata={
+        "help": "user-level DP with popularity-prior: the share of dp-epsilon spent on releasing the item counts "
+                "(one Gaussian mechanism, composed with the training steps by the same accountant)",
+        "values": "(0, 1)"})
     dp_users_per_step: int = field(default=0, metadata={
         "help": "user-level DP: expected users per noisy step (sample rate = this / users); fewer, larger steps "
                 "add relatively less noise", "values": ">= 0 (0 = batch-size)"})
@@ -241,6 +249,7 @@ class PrivacyConfig:
             (self.dp_clip > 0, "dp-clip must be > 0"),
             (0.0 <= self.dp_delta < 1.0, "dp-delta must be in [0, 1)"),
             (self.dp_users_per_step >= 0, "dp-users-per-step must be >= 0"),
+            (0.0 < self.dp_popularity_share < 1.0, "dp-popularity-share must be in (0, 1)"),
             (self.secagg_max_weight > 0, "secagg-max-weight must be > 0"),
             (not (self.secagg and self.aggregator != "mean"), "secagg sums the updates: aggregator must be 'mean'"),
         ]
@@ -292,6 +301,10 @@ class PollenConfig:
             (self.model.text or self.model.item_ids, "a model needs text or item-ids"),
             (self.model.rating_weight >= 0, "rating-weight must be >= 0"),
             (self.model.text or not self.model.text_prior, "text-prior needs text = true"),
+            (self.model.text_prior or not self.model.popularity_prior, "popularity-prior needs text-prior = true"),
+            (not (self.model.popularity_prior and self.privacy.dp_noise > 0 and self.privacy.dp_epsilon == 0),
+             "popularity-prior under DP needs dp-epsilon (its release takes a dp-popularity-share of it), "
+             "not dp-noise"),
             (self.train.local_epochs >= 1, "local-epochs must be >= 1"),
             (self.train.batch_size >= 1, "batch-size must be >= 1"),
             (self.train.max_steps >= 0, "max-steps must be >= 0"),

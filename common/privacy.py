@@ -71,14 +71,28 @@ class UserLevelDP:
         self.delta = privacy.dp_delta or 1.0 / self.num_users
         self.clip = privacy.dp_clip
         self.noise = privacy.dp_noise
-        if privacy.dp_epsilon > 0:  # calibrate sigma so the planned run ends at the target epsilon
-            self.noise = get_noise_multiplier(target_epsilon=privacy.dp_epsilon, target_delta=self.delta,
-                                              sample_rate=self.sample_rate, steps=self.planned_steps,
-                                              accountant="rdp")
         self.accountant = RDPAccountant()
+        # popularity-prior: the item counts are released once (``release_popularity``), a Gaussian mechanism on
+        # the whole platform (sample rate 1) at dp-popularity-share of epsilon, composed with the training steps
+        self.popularity_noise = 0.0
+        if config.model.popularity_prior and privacy.dp_epsilon > 0:
+            self.popularity_noise = get_noise_multiplier(
+                target_epsilon=privacy.dp_popularity_share * privacy.dp_epsilon, target_delta=self.delta,
+                sample_rate=1.0, steps=1, accountant="rdp")
+        if privacy.dp_epsilon > 0:  # calibrate sigma so the planned run (and the release) ends at the target
+            self.noise = calibrate(privacy.dp_epsilon, self.delta, self.sample_rate, self.planned_steps,
+                                   [(self.popularity_noise, 1.0, 1)] if self.popularity_noise else [])
         # neither the noise nor the sample of users may be predictable from the run's public seed
         self.noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
         self.sampler = np.random.default_rng(secrets.randbits(128))
+
+    def release_popularity(self, counts: np.ndarray) -> torch.Tensor:
+        """The items' training users (``SplitData.user_popularity``: one user moves them by at most L2 norm 1)
+        plus N(0, popularity_noise^2) per item, accounted as one step at sample rate 1. Called once per platform
+        (the trainer's start); the result is private state, kept with the head across rounds."""
+        noise = torch.randn(len(counts), generator=self.noise_generator, dtype=torch.float64)
+        self.accountant.step(noise_multiplier=self.popularity_noise, sample_rate=1.0)
+        return torch.as_tensor(counts, dtype=torch.float64) + noise * self.popularity_noise
 
     # -- sampling ----------------------------------------------------------------------------------
     def sample(self) -> list[np.ndarray]:
@@ -159,6 +173,34 @@ class UserLevelDP:
 
     def load_state_dict(self, state: dict) -> None:
         self.accountant.history = list(state["history"])
+
+
+def calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, spent: list[tuple]) -> float:
+    """The noise multiplier sigma at which ``steps`` Poisson-sampled Gaussian steps at ``sample_rate``, after the
+    mechanisms already ``spent`` (opacus history entries: sigma, sample rate, steps), end at ``epsilon`` at
+    ``delta`` under the RDP accountant: opacus's ``get_noise_multiplier`` (the same bisection, within 0.01 of
+    epsilon from below), which cannot start from a history."""
+    from opacus.accountants import RDPAccountant
+
+    def spend(sigma: float) -> float:
+        accountant = RDPAccountant()
+        accountant.history = [*spent, (sigma, sample_rate, steps)]
+        return accountant.get_epsilon(delta)
+
+    low, high, reached = 0.0, 10.0, float("inf")
+    while reached > epsilon:
+        high *= 2
+        reached = spend(high)
+        if high > 1e6:
+            raise ValueError(f"dp: epsilon {epsilon} is too low (dp-popularity-share leaves nothing to train with)")
+    while epsilon - reached > 0.01:
+        sigma = (low + high) / 2
+        spent_at = spend(sigma)
+        if spent_at < epsilon:
+            high, reached = sigma, spent_at
+        else:
+            low = sigma
+    return high
 
 
 def split_parameters(model, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

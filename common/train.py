@@ -129,6 +129,9 @@ class Trainer:
             from common.privacy import UserLevelDP
 
             self.dp = UserLevelDP(window_owners(platforms[0].split, self.max_len, stride), config)
+            head = platforms[0].model.head
+            if head.popularity:  # released once, noised and accounted: it feeds every noised step after
+                head.set_popularity(self.dp.release_popularity(platforms[0].split.user_popularity()))
         heads = {id(q): q for p in platforms for q in p.model.head.parameters()  # platforms may share a SharedHead
                  if q.requires_grad}
         groups = [{"params": list(heads.values()), "lr": self.config.lr}]

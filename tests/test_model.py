@@ -291,3 +291,32 @@ def test_an_untrained_text_prior_model_ranks_like_zero_shot_and_fit_can_keep_it(
     result = fit([fresh], fresh.model.encoder, config.replace(lr=1e-12), epochs=1, log=lambda _: None)
     assert result.best_epoch[split.name] == 0  # a step of 1e-12 cannot beat the start: the start is kept
     assert result.test[split.name] == evaluate(zero_shot, split, "test")
+
+
+def test_the_popularity_term_starts_at_zero_then_adds_its_weight_times_log_training_users(tiny_bert):
+    """``popularity-prior``: w starts at 0, so the untrained model ranks exactly like the text prior alone; with
+    w, every catalogue item's score rises by POPULARITY_STEP x w x log(1 + its training users)
+    (``SplitData.user_popularity``), the same for every user; training moves w; an item added by its text alone
+    (serving's ``POST /items``) has no popularity; new counts give new columns."""
+    from common.model.head import POPULARITY_STEP
+
+    config = PollenConfig().replace(**{"base-model": tiny_bert, "text-prior": True, "batch-size": 32})
+    split = leave_one_out(generate(SyntheticConfig())[0])
+    torch.manual_seed(0)
+    encoder = TextEncoder(config.model)
+    plain = Recommender(split, config, encoder)
+    torch.manual_seed(0)
+    model = Recommender(split, config.replace(**{"popularity-prior": True}), encoder)
+    counts = torch.as_tensor(split.user_popularity(), dtype=torch.float32)
+    torch.testing.assert_close(model.head.prior_popularity, counts)
+    histories = split.eval_inputs("test")[0][:16]
+    torch.testing.assert_close(model.score(histories), plain.score(histories))
+    model.head.popularity_weight.data.fill_(0.1)
+    lift = (model.score(histories) - plain.score(histories))[:, 1:]
+    torch.testing.assert_close(lift, (POPULARITY_STEP * 0.1 * torch.log1p(counts[1:])).expand_as(lift),
+                               rtol=1e-4, atol=1e-4)
+    assert model.head.text_vectors(model.text_table()[1:4])[:, -1].eq(0).all()
+    model.head.set_popularity(counts * 2)
+    assert model.head.prior_vectors(model.text_table())[1:, -1].equal(torch.log1p(counts[1:] * 2))
+    Trainer([Platform(split, model)], encoder, config.replace(**{"max-steps": 3, "popularity-prior": True})).epoch()
+    assert model.head.popularity_weight.item() != 0.1

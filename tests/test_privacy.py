@@ -125,6 +125,10 @@ def test_ffa_trains_only_b_and_averaging_b_is_exact(split, tiny_bert):
     ({"dp-clip": 0.0}, "dp-clip must be > 0"),
     ({"dp-epsilon": -1.0}, "dp-epsilon and dp-noise must be >= 0"),
     ({"update-norm-factor": 0.5}, "update-norm-factor must be 0 or >= 1"),
+    ({"dp-popularity-share": 1.0}, "dp-popularity-share must be in (0, 1)"),
+    ({"popularity-prior": True}, "popularity-prior needs text-prior = true"),
+    ({"text-prior": True, "popularity-prior": True, "dp-noise": 1.0},
+     "popularity-prior under DP needs dp-epsilon (its release takes a dp-popularity-share of it), not dp-noise"),
 ])
 def test_bad_privacy_settings_are_named(table, message):
     with pytest.raises(ValueError, match="config: " + message.replace("(", r"\(").replace(")", r"\)")):
@@ -143,7 +147,7 @@ def sampled_step(trainer, users=range(6)):
 
 
 @pytest.mark.parametrize("grouping", [(8, 2 ** 25), (2, 1), (None, 2 ** 31)], ids=["cpu", "short-spans", "gpu"])
-@pytest.mark.parametrize("prior", [False, True])
+@pytest.mark.parametrize("prior", [False, True, "popularity"])
 @pytest.mark.parametrize("trained, factored, through", [
     ({}, False, 4),  # adaptor weight and bias, the ID table, theta
     ({"item-ids": False}, True, 2),  # the adaptor alone: per-user losses of the adaptor itself (TextSpaceItems)
@@ -157,7 +161,8 @@ def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_b
     from the public constants, not from the users' data. Under every grouping of users (``GROUPING``): windows
     cut to their group's used length (2: several lengths of 8) with one user a vmap chunk (a budget of 1 logit),
     one group per number of windows (a GPU's). Without item IDs, with the adaptor's gradient taken through
-    ``TextSpaceItems`` or through the table."""
+    ``TextSpaceItems`` or through the table. With the popularity term, whose weight is trained like the prior's
+    scale (its counts are released noised before training: ``popularity-prior`` needs ``dp-epsilon``)."""
     from common import privacy
     from common.baselines import PUBLIC_PRIOR
     from common.privacy import segments, split_parameters, user_gradients
@@ -165,10 +170,14 @@ def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_b
     monkeypatch.setitem(privacy.GROUPING, "cpu", grouping)
     monkeypatch.setattr(privacy, "text_space_pays", lambda *sizes: factored)
 
+    popularity = {"popularity-prior": True, "dp-epsilon": 8.0} if prior == "popularity" else {}
     trainer, _, _ = build_frozen(split, tiny_bert, **{"dp-noise": 1.0, "dropout": 0.0, "rating-weight": 0.0,
-                                                     "max-len": 8, "text-prior": prior,  # several windows a user
-                                                     **trained})
+                                                     "max-len": 8, "text-prior": bool(prior),  # several windows
+                                                     **trained, **popularity})  # a user
     model = trainer.platforms[0].model
+    if popularity:
+        assert any(p is model.head.popularity_weight for p in trainer.params)
+        model.head.popularity_weight.data.fill_(0.05)
     if prior:
         assert model.head.prior_decay.item() == PUBLIC_PRIOR[0]
         assert model.head.prior_scale.exp().item() == pytest.approx(PUBLIC_PRIOR[1])
@@ -268,7 +277,8 @@ def test_vectorised_dp_epoch_accounts_like_opacus_and_noises_the_id_table_like_t
 
 
 @pytest.mark.parametrize("settings", [{"lora-layers": 0}, {"lora-layers": 1},
-                                      {"lora-layers": 0, "item-ids": False, "text-prior": True}],
+                                      {"lora-layers": 0, "item-ids": False, "text-prior": True,
+                                       "popularity-prior": True, "dp-epsilon": 8.0}],
                          ids=["frozen", "lora", "dp-recipe"])
 def test_every_trained_tensor_is_noised_and_the_rest_never_changes(split, tiny_bert, settings):
     """What leaves (the adapter) is trained only through noised gradients: every model tensor that changes in a
@@ -321,3 +331,40 @@ def test_users_per_step_sets_the_sampling_rate_and_steps(split, tiny_bert):
     dp = trainer.dp
     assert dp.sample_rate == pytest.approx(20 / dp.num_users)
     assert dp.steps_per_epoch == round(dp.num_users / 20) and len(dp.plan()) == dp.steps_per_epoch
+
+
+def test_one_user_moves_the_item_popularity_by_at_most_one(split):
+    """The sensitivity of the popularity release: removing any one user changes ``user_popularity`` by L2 norm
+    1 exactly (a user with training items) and never more."""
+    full = split.user_popularity()
+    for user in range(12):
+        without = split.subset(np.delete(np.arange(split.num_users), user)).user_popularity()
+        assert np.linalg.norm(full - without) == pytest.approx(1.0 if len(split.train_sequences()[user]) else 0.0)
+
+
+def test_the_popularity_release_is_noised_once_accounted_and_the_run_ends_at_its_epsilon(split, tiny_bert):
+    """``popularity-prior`` under DP: the counts are released once, before training, with Gaussian noise whose
+    multiplier spends dp-popularity-share of epsilon alone (opacus, sample rate 1, one step), from the secret
+    generator; the training noise is calibrated so that the release and the planned steps together end at
+    dp-epsilon, as an independent accountant composes them; the release travels with the accountant's state."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    settings = {"dp-epsilon": 4.0, "num-rounds": 2, "item-ids": False, "text-prior": True, "popularity-prior": True}
+    trainer, _, config = build_frozen(split, tiny_bert, **settings)
+    dp, head = trainer.dp, trainer.platforms[0].model.head
+    assert dp.popularity_noise == get_noise_multiplier(target_epsilon=2.0, target_delta=dp.delta, sample_rate=1.0,
+                                                       steps=1, accountant="rdp")
+    assert dp.accountant.history == [(dp.popularity_noise, 1.0, 1)]
+    noise = head.prior_popularity.double() - torch.as_tensor(split.user_popularity())
+    assert noise.std().item() == pytest.approx(dp.popularity_noise, rel=0.2)
+    twin, _, _ = build_frozen(split, tiny_bert, **settings)  # the same public seed, another release
+    assert not torch.equal(twin.platforms[0].model.head.prior_popularity, head.prior_popularity)
+    for _ in range(config.federation.num_rounds * config.train.local_epochs):
+        trainer.epoch()
+    reference = RDPAccountant()
+    reference.history = [(dp.popularity_noise, 1.0, 1), (dp.noise, dp.sample_rate, dp.planned_steps)]
+    assert dp.epsilon() == pytest.approx(reference.get_epsilon(dp.delta))
+    assert 3.99 <= dp.epsilon() <= 4.0
+    twin.load_state_dict(trainer.state_dict())
+    assert twin.dp.epsilon() == pytest.approx(dp.epsilon())

@@ -73,6 +73,15 @@ def prior_model(tiny_bert, split, tmp_path_factory):
     return platform, export_model(tmp_path_factory.mktemp("export") / "prior-model", platform, config)
 
 
+@pytest.fixture(scope="module")
+def popularity_model(tiny_bert, split, tmp_path_factory):
+    """The popularity term (the DP recipe's) adds a column to the prior's item vectors; an added item has none."""
+    config = PollenConfig().replace(**{"base-model": tiny_bert, "text-prior": True, "popularity-prior": True})
+    platform = _trained(split, config)
+    assert platform.model.head.popularity_weight.item() != 0
+    return platform, export_model(tmp_path_factory.mktemp("export") / "popularity-model", platform, config)
+
+
 @pytest.fixture()
 def client(text_model):
     """A fresh ServedModel per test: add_item in one test must not leak into another."""
@@ -98,7 +107,7 @@ def test_folder_layout(text_model, id_model):
     assert not list(folder.parent.glob(".*tmp*"))  # the atomic build left nothing behind
 
 
-@pytest.mark.parametrize("which", ["text_model", "id_model", "cosine_model", "prior_model"])
+@pytest.mark.parametrize("which", ["text_model", "id_model", "cosine_model", "prior_model", "popularity_model"])
 def test_served_scores_equal_in_process_scores(which, request):
     platform, folder = request.getfixturevalue(which)
     served = load_model(folder)
@@ -137,7 +146,7 @@ def test_encoder_is_lazy_and_reproduces_the_trained_text_vectors(text_model):
     assert torch.allclose(served.text_item_vectors(texts), expected, atol=2e-3)
 
 
-@pytest.mark.parametrize("which", ["text_model", "prior_model"])
+@pytest.mark.parametrize("which", ["text_model", "prior_model", "popularity_model"])
 def test_add_item_then_recommend_and_use_it_in_a_history(which, request):
     platform, folder = request.getfixturevalue(which)
     served = load_model(folder)

@@ -76,6 +76,17 @@ class SplitData:
             np.add.at(counts, seq, 1)
         return counts
 
+    def user_popularity(self) -> np.ndarray:
+        """Each item's training users, each user counted 1/sqrt(its distinct training items) (index 0 unused):
+        every user adds a vector of L2 norm 1, so adding or removing one user moves the result by at most 1, the
+        sensitivity of its release under user-level DP (common/privacy.py). Counting every interaction instead
+        would let one heavy user move one item by hundreds."""
+        counts = np.zeros(self.num_items + 1)
+        for seq in self.train_sequences():
+            seen = np.unique(seq)
+            counts[seen] += 1.0 / np.sqrt(len(seen)) if len(seen) else 0.0
+        return counts
+
 
 def leave_one_out(data: PlatformData) -> SplitData:
     """Order each user's interactions by time (file order breaks ties) and keep users with >= 3 of them."""

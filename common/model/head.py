@@ -24,6 +24,12 @@ from torch import nn
 from common.config import DataConfig, ModelConfig
 
 
+# w of the popularity term in steps of 1/POPULARITY_STEP of its parameter: the term needs w of about 1-2 (log
+# counts of 0-4 against the prior's 5.7 x cosine), and a DP run's few dozen Adam steps at lr 1e-2 move a
+# parameter by at most a few tenths
+POPULARITY_STEP = 10.0
+
+
 class RecommendationHead(nn.Module):
     """Item vectors (text through the shared adaptor, fused with private IDs) and the shared user encoder.
 
@@ -46,6 +52,13 @@ class RecommendationHead(nn.Module):
             # the catalogue's whitening of its text vectors (mean, matrix), set by Recommender; identity = none
             self.register_buffer("prior_mean", torch.zeros(text_dim))
             self.register_buffer("prior_whiten", torch.eye(text_dim))
+        # the item popularity term (``popularity-prior``): w x log(1 + training users) rides on the prior's item
+        # columns as one more column; the counts are set by Recommender (under DP released with noise, by the
+        # trainer's DP plug-in), w starts at 0 so the untrained model is still the zero-shot ranking
+        self.popularity = self.prior and model.popularity_prior
+        if self.popularity:
+            self.register_buffer("prior_popularity", torch.zeros(num_items + 1))
+            self.popularity_weight = nn.Parameter(torch.zeros(()))
         self._prior_columns: tuple | None = None  # (key, text table, its prior columns): prior_vectors' cache
         # the prior's columns are functions of the frozen text alone unless LoRA adapts the encoder: then no
         # gradient flows through them (one catalogue-wide product instead of three, per user under DP)
@@ -69,7 +82,7 @@ class RecommendationHead(nn.Module):
     @property
     def item_width(self) -> int:
         """Width of item vectors and user states: the learned part, plus the text prior's when it is on."""
-        return self.width + (self.text_proj.weight.shape[1] if self.prior else 0)
+        return self.width + (self.text_proj.weight.shape[1] + self.popularity if self.prior else 0)
 
     @property
     def text_proj(self) -> "TextAdaptor | None":
@@ -116,24 +129,41 @@ class RecommendationHead(nn.Module):
         return self._append_prior(out, text) if with_prior else out
 
     def text_vectors(self, text: torch.Tensor) -> torch.Tensor:
-        """The text part of item vectors: all an item never seen in training (no ID embedding) has."""
-        return self._append_prior(self.theta() * self.text_proj(text), text)
+        """The text part of item vectors: all an item never seen in training (no ID embedding, no popularity)
+        has."""
+        return self._append_prior(self.theta() * self.text_proj(text), text, catalogue=False)
 
-    def _append_prior(self, learned: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
-        return torch.cat([learned, self.prior_vectors(text)], -1) if self.prior else learned
+    def _append_prior(self, learned: torch.Tensor, text: torch.Tensor | None, catalogue: bool = True
+                      ) -> torch.Tensor:
+        return torch.cat([learned, self.prior_vectors(text, catalogue)], -1) if self.prior else learned
 
-    def prior_vectors(self, text: torch.Tensor) -> torch.Tensor:
+    def prior_vectors(self, text: torch.Tensor, catalogue: bool = True) -> torch.Tensor:
         """The text prior's item columns: the frozen text vectors, whitened for the catalogue and normalised (no
-        trained parameter). Without LoRA the text table is the same between refreshes, so its columns are made
-        once and kept, keyed on the storage and in-place version of the table and of the whitening (the
-        catalogue-wide 384 x 384 product at every step cost 18 ms on Scientific, 55 ms on Last.fm, one thread)."""
-        if text.requires_grad:  # LoRA's live items: the columns carry a gradient, made afresh each step
-            return prior_items(text, self.prior_mean, self.prior_whiten)
+        trained parameter), then with ``popularity-prior`` log(1 + the item's training users) (``catalogue``:
+        ``text`` is the whole catalogue, row i item i; else texts of new items, popularity 0). Without LoRA the
+        text table is the same between refreshes, so its columns are made once and kept, keyed on the storage and
+        in-place version of the table and of the whitening (the catalogue-wide 384 x 384 product at every step
+        cost 18 ms on Scientific, 55 ms on Last.fm, one thread)."""
+        if text.requires_grad or not catalogue:  # LoRA's live items (with gradient), or new items: made afresh
+            return self._with_popularity(prior_items(text, self.prior_mean, self.prior_whiten), catalogue)
+        held = (text, self.prior_mean, self.prior_whiten) + ((self.prior_popularity,) if self.popularity else ())
         key = tuple((t.data_ptr(), t.shape, -1 if t.is_inference() else t._version)  # no version counter there
-                    for t in (text, self.prior_mean, self.prior_whiten))
+                    for t in held)
         if self._prior_columns is None or self._prior_columns[0] != key:  # the table is held: no reused storage
-            self._prior_columns = (key, text, prior_items(text, self.prior_mean, self.prior_whiten))
+            columns = self._with_popularity(prior_items(text, self.prior_mean, self.prior_whiten), catalogue)
+            self._prior_columns = (key, text, columns)
         return self._prior_columns[2]
+
+    def _with_popularity(self, columns: torch.Tensor, catalogue: bool) -> torch.Tensor:
+        if not self.popularity:
+            return columns
+        if not catalogue:  # new items: no training users
+            return torch.cat([columns, columns.new_zeros(columns.shape[:-1] + (1,))], -1)
+        return torch.cat([columns, torch.log1p(self.prior_popularity.clamp(min=0)).to(columns.dtype)[:, None]], -1)
+
+    def set_popularity(self, counts) -> None:
+        """The items' training users (``SplitData.user_popularity``, or its noisy release under DP)."""
+        self.prior_popularity.copy_(torch.as_tensor(counts, dtype=torch.float32))
 
     def similarity(self, states: torch.Tensor, items: torch.Tensor, prior: torch.Tensor | None = None,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -160,7 +190,10 @@ class RecommendationHead(nn.Module):
             user = states[..., w:]
             if self.prior_constant:
                 user, item_text = user.detach(), item_text.detach()
-            logits = logits + self.prior_scale.exp() * (user @ item_text.transpose(-1, -2))
+            k = user.shape[-1]
+            logits = logits + self.prior_scale.exp() * (user @ item_text[..., :k].transpose(-1, -2))
+            if self.popularity:  # [..., 1, n], as the logits [..., m, n]
+                logits = logits + POPULARITY_STEP * self.popularity_weight * item_text[..., None, :, k].detach()
         return logits
 
     def user_states(self, sequences: torch.Tensor, items: torch.Tensor, prior: torch.Tensor | None = None
@@ -188,6 +221,8 @@ class RecommendationHead(nn.Module):
         ``common.baselines.zero_shot_scorer`` ranks."""
         if not self.prior:
             return states
+        if self.popularity:  # the items' popularity column is not part of the history's mean
+            text = text[..., :-1]
         text = text[sequences]  # [B, L, k]; padding rows are zero
         position = torch.arange(sequences.shape[1], device=text.device)
         if last:

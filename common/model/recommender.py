@@ -56,6 +56,8 @@ class Recommender(nn.Module):
                 scale = prior_scale(split, self.head.prior_vectors(text), decay, self.max_len)
             self.head.prior_decay.fill_(decay)
             self.head.prior_scale.data.fill_(math.log(scale))
+        if self.head.popularity and not config.privacy.dp:  # under DP the trainer's plug-in releases them noised
+            self.head.set_popularity(split.user_popularity())
         self.eval()  # built for scoring: dropout is on only inside a training epoch (common/train.py)
 
     # -- catalogue ---------------------------------------------------------------------------------
