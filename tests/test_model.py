@@ -294,10 +294,12 @@ def test_an_untrained_text_prior_model_ranks_like_zero_shot_and_fit_can_keep_it(
 
 
 def test_the_popularity_term_starts_at_zero_then_adds_its_weight_times_log_training_users(tiny_bert):
-    """``popularity-prior``: w starts at 0, so the untrained model ranks exactly like the text prior alone; with
-    w, every catalogue item's score rises by POPULARITY_STEP x w x log(1 + its training users)
-    (``SplitData.user_popularity``), the same for every user; training moves w; an item added by its text alone
-    (serving's ``POST /items``) has no popularity; new counts give new columns."""
+    """``popularity-prior``: w starts at the share of the prior's scale that validation chose
+    (``best_popularity``); at w = 0 the model ranks exactly like the text prior alone; with w, every catalogue
+    item's score rises by POPULARITY_STEP x w x log(1 + its training users) (``SplitData.user_popularity``), the
+    same for every user; training moves w; an item added by its text alone (serving's ``POST /items``) has no
+    popularity; new counts give new columns."""
+    from common.baselines import POPULARITY_SHARES
     from common.model.head import POPULARITY_STEP
 
     config = PollenConfig().replace(**{"base-model": tiny_bert, "text-prior": True, "batch-size": 32})
@@ -309,7 +311,10 @@ def test_the_popularity_term_starts_at_zero_then_adds_its_weight_times_log_train
     model = Recommender(split, config.replace(**{"popularity-prior": True}), encoder)
     counts = torch.as_tensor(split.user_popularity(), dtype=torch.float32)
     torch.testing.assert_close(model.head.prior_popularity, counts)
+    shares = [share * model.head.prior_scale.exp().item() / POPULARITY_STEP for share in POPULARITY_SHARES]
+    assert min(abs(model.head.popularity_weight.item() - w) for w in shares) < 1e-6
     histories = split.eval_inputs("test")[0][:16]
+    model.head.popularity_weight.data.zero_()
     torch.testing.assert_close(model.score(histories), plain.score(histories))
     model.head.popularity_weight.data.fill_(0.1)
     lift = (model.score(histories) - plain.score(histories))[:, 1:]

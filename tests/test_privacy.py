@@ -203,7 +203,9 @@ def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_b
         expected = torch.autograd.grad(loss, trainer.params, allow_unused=True)
         assert losses[u].item() == pytest.approx(loss.item(), rel=1e-5)
         for g, e in zip(grads, expected):
-            assert torch.allclose(g[u], torch.zeros_like(g[u]) if e is None else e, atol=1e-6, rtol=1e-4)
+            # the popularity weight's gradient sums a term over every position and item (noisy counts): float32
+            assert torch.allclose(g[u], torch.zeros_like(g[u]) if e is None else e, atol=1e-5 if popularity else 1e-6,
+                                  rtol=1e-4)
 
 
 def test_bfloat16_logits_give_each_user_the_float32_gradient_within_rounding(split, tiny_bert, monkeypatch):

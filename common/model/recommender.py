@@ -17,7 +17,7 @@ from torch import nn
 from common.config import PollenConfig
 from common.data.split import SplitData
 from common.model.encoder import ItemStates, TextEncoder
-from common.model.head import RecommendationHead
+from common.model.head import POPULARITY_STEP, RecommendationHead, prior_items
 from common.runtime import logits_dtype
 
 
@@ -44,20 +44,26 @@ class Recommender(nn.Module):
         self._text_table: torch.Tensor | None = None
         self._table_version = -1
         if self.head.prior:  # the zero-shot recency weight and whitening (validation targets), scale (training items)
-            from common.baselines import PUBLIC_PRIOR, best_prior, prior_scale
+            from common.baselines import PUBLIC_PRIOR, best_popularity, best_prior, prior_scale
 
-            if config.privacy.dp:  # fitted on users' data without noise, they would steer the noised updates
+            # under DP these are public constants, fitted on users' data they would steer the noised updates; the
+            # popularity weight then starts at 0 and the trainer's DP plug-in releases the counts with noise
+            if config.privacy.dp:
                 decay, scale = PUBLIC_PRIOR
             else:
                 text = self.text_table().detach().float().cpu()
                 decay, mean, whiten = best_prior(split, text, self.max_len)
                 self.head.prior_mean.copy_(mean)
                 self.head.prior_whiten.copy_(whiten)
-                scale = prior_scale(split, self.head.prior_vectors(text), decay, self.max_len)
+                columns = prior_items(text, mean, whiten)
+                scale = prior_scale(split, columns, decay, self.max_len)
+                if self.head.popularity:
+                    counts = split.user_popularity()
+                    self.head.set_popularity(counts)
+                    share = best_popularity(split, columns, decay, self.max_len, counts)
+                    self.head.popularity_weight.data.fill_(share * scale / POPULARITY_STEP)
             self.head.prior_decay.fill_(decay)
             self.head.prior_scale.data.fill_(math.log(scale))
-        if self.head.popularity and not config.privacy.dp:  # under DP the trainer's plug-in releases them noised
-            self.head.set_popularity(split.user_popularity())
         self.eval()  # built for scoring: dropout is on only inside a training epoch (common/train.py)
 
     # -- catalogue ---------------------------------------------------------------------------------
