@@ -99,8 +99,9 @@ def adapt(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tenso
 def zero_shot_model(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tensor] | None,
                     cache_dir: str | None = None) -> Adapted:
     """The shared model as received, untrained on this platform: text-only item vectors (its item IDs are
-    unknown to the federation), the shared text adaptor and sequence encoder. What a newcomer gets on day 0."""
-    text_only = config.replace(**{"item-ids": False, "text": True})
+    unknown to the federation), the shared text adaptor and sequence encoder. What a newcomer gets on day 0,
+    before it has training data: hence no popularity term either (``popularity-prior`` counts training users)."""
+    text_only = config.replace(**{"item-ids": False, "text": True, "popularity-prior": False})
     torch.manual_seed(config.train.seed)
     encoder = TextEncoder(text_only.model, seed=config.train.seed, max_len=config.data.max_len)
     if adapter is not None:
