@@ -109,8 +109,9 @@ class ModelConfig:
                 "so an untrained model ranks like MiniLM with no training and validation can keep that start"})
     popularity_prior: bool = field(default=False, metadata={
         "help": "with text-prior: add w x log(1 + the item's training users) to every score (users weighted so "
-                "each adds norm 1, common/data/split.py user_popularity), w learned from 0; under DP the counts are "
-                "released once with Gaussian noise, a dp-popularity-share of dp-epsilon"})
+                "each adds norm 1, common/data/split.py user_popularity), w trained from where validation puts it; "
+                "under DP from 0, the counts released once with Gaussian noise for a dp-popularity-share of "
+                "dp-epsilon"})
 
     @property
     def first_candidate(self) -> int:
@@ -258,8 +259,11 @@ class PrivacyConfig:
 # A platform joining with little data (client.adapt, simulations.transfer) starts from the text prior: its
 # untrained model is MiniLM's zero-shot ranking and validation keeps it until training beats it. Amazon Scientific,
 # 5-25% of its users: above zero-shot on every seed, where the plain head fell below it; members training on all
-# their data keep the default (off), measured below it on Amazon Office (README, "A new platform joins").
-NEWCOMER = {"text-prior": True}
+# their data keep the default (off), measured below it on Amazon Office (README, "A new platform joins"). And with
+# the items' popularity among its training users, weighted on validation: Scientific, pretrained start, 3 seeds,
+# test NDCG@10 at 5 / 10 / 25 / 100% of the users 0.0788 / 0.0815 / 0.0778 / 0.0833 without, 0.0848 / 0.0863 /
+# 0.0855 / 0.0868 with (+ + + at every fraction).
+NEWCOMER = {"text-prior": True, "popularity-prior": True}
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "federation": FederationConfig,
             "privacy": PrivacyConfig}

@@ -53,8 +53,8 @@ class RecommendationHead(nn.Module):
             self.register_buffer("prior_mean", torch.zeros(text_dim))
             self.register_buffer("prior_whiten", torch.eye(text_dim))
         # the item popularity term (``popularity-prior``): w x log(1 + training users) rides on the prior's item
-        # columns as one more column; the counts are set by Recommender (under DP released with noise, by the
-        # trainer's DP plug-in), w starts at 0 so the untrained model is still the zero-shot ranking
+        # columns as one more column. Recommender sets the counts and w's start (chosen on validation, like the
+        # recency weight); under DP w starts at 0 and the trainer's DP plug-in releases the counts with noise
         self.popularity = self.prior and model.popularity_prior
         if self.popularity:
             self.register_buffer("prior_popularity", torch.zeros(num_items + 1))
@@ -81,7 +81,8 @@ class RecommendationHead(nn.Module):
 
     @property
     def item_width(self) -> int:
-        """Width of item vectors and user states: the learned part, plus the text prior's when it is on."""
+        """Width of item vectors: the learned part, plus the text prior's when it is on (and its popularity
+        column); user states have no popularity column."""
         return self.width + (self.text_proj.weight.shape[1] + self.popularity if self.prior else 0)
 
     @property
@@ -198,13 +199,13 @@ class RecommendationHead(nn.Module):
 
     def user_states(self, sequences: torch.Tensor, items: torch.Tensor, prior: torch.Tensor | None = None
                     ) -> torch.Tensor:
-        """The user state after every position of right-aligned sequences [B, L] -> [B, L, item_width]
+        """The user state after every position of right-aligned sequences [B, L] -> [B, L, state width]
         (``prior`` as in ``similarity``)."""
         items, text = self._columns(items, prior)
         return self._with_prior(self.shared.sequence(sequences, items), sequences, text, last=False)
 
     def last_states(self, sequences: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """The user state after each whole sequence [B, item_width]: what ranking needs (eval mode)."""
+        """The user state after each whole sequence [B, state width]: what ranking needs (eval mode)."""
         items, text = self._columns(items)
         return self._with_prior(self.shared.sequence.last_state(sequences, items), sequences, text, last=True)
 
