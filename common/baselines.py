@@ -20,7 +20,8 @@ from common.model.head import has_text, prior_items
 # 0.0167 vs 0.0147, MovieLens-100K 0.0954 vs 0.0905); window-stride 10 (each item learned after >= 41 earlier ones)
 # beat windows that do not overlap on validation (MovieLens 0.1078 vs 0.0954, Last.fm 0.0172 vs 0.0164) and test
 # (0.0938 vs 0.0798, 0.0186 vs 0.0159). On Office only 22 users' histories are longer than a window.
-SASREC_ID = {"text": False, "item-ids": True, "dropout": 0.5, "text-prior": False, "window-stride": 10}
+SASREC_ID = {"text": False, "item-ids": True, "dropout": 0.5, "text-prior": False, "popularity-prior": False,
+             "window-stride": 10}
 
 
 def popularity_scorer(split: SplitData) -> Scorer:

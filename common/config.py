@@ -224,8 +224,8 @@ class PrivacyConfig:
     dp_delta: float = field(default=0.0, metadata={"help": "delta of the reported epsilon",
                                                    "values": "[0, 1) (0 = 1 / training users)"})
     dp_popularity_share: float = field(default=0.5, metadata={
-        "help": "user-level DP with popularity-prior: the share of dp-epsilon spent on releasing the item counts "
-                "(one Gaussian mechanism, composed with the training steps by the same accountant)",
+        "help": "user-level DP with popularity-prior: the share of the target epsilon spent on releasing the item "
+                "counts once (a Gaussian mechanism, composed with the training steps by the same accountant)",
         "values": "(0, 1)"})
     dp_users_per_step: int = field(default=0, metadata={
         "help": "user-level DP: expected users per noisy step (sample rate = this / users); fewer, larger steps "
