@@ -107,6 +107,9 @@ class ModelConfig:
         "help": "add the text prior to every score: the cosine of an item's pretrained text vector with a mean of "
                 "the history's (latest items weighted most), times a learned scale; the learned part starts at 0, "
                 "so an untrained model ranks like MiniLM with no training and validation can keep that start"})
+    train_adaptor: bool = field(default=True, metadata={
+        "help": "train the shared text adaptor (false: it stays at the seeded start every party shares; under DP "
+                "that removes each user's adaptor gradient, the dearest part of a DP step on short histories)"})
     popularity_prior: bool = field(default=False, metadata={
         "help": "with text-prior: add w x log(1 + the item's training users) to every score (users weighted so "
                 "each adds norm 1, common/data/split.py user_popularity), w trained from where validation puts it; "

@@ -151,8 +151,9 @@ def sampled_step(trainer, users=range(6)):
 @pytest.mark.parametrize("trained, factored, through", [
     ({}, False, 4),  # adaptor weight and bias, the ID table, theta
     ({"item-ids": False}, True, 2),  # the adaptor alone: per-user losses of the adaptor itself (TextSpaceItems)
-    ({"item-ids": False}, False, 2)],  # the same through the item table's gradient and its pull-back
-    ids=["all", "text", "text-table"])
+    ({"item-ids": False}, False, 2),  # the same through the item table's gradient and its pull-back
+    ({"item-ids": False, "train-adaptor": False}, False, 0)],  # a constant item table: no pull-back at all
+    ids=["all", "text", "text-table", "fixed-adaptor"])
 def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_bert, prior, grouping, trained,
                                                                     factored, through, monkeypatch):
     """vmap(grad) of the masked per-user loss, then the batched pull-back from the item table to the adaptor,
@@ -195,7 +196,7 @@ def test_vectorised_per_user_gradients_equal_one_backward_per_user(split, tiny_b
     assert len(users) == 6 and len({len(u) for u in users}) > 1  # several groups of window counts
     table_parameters = split_parameters(model, trainer.params)[0]
     assert len(table_parameters) == through
-    assert (privacy.factored_adaptor(model, table_parameters) is not None) == ("item-ids" in trained)
+    assert (privacy.factored_adaptor(model, table_parameters) is not None) == (through == 2)
     grads, losses = user_gradients(model, trainer.params, users, batch)
     inputs, targets, _ = batch
     for u, rows in enumerate(users):

@@ -245,6 +245,8 @@ class SharedHead(nn.Module):
         self.sequence = SequenceEncoder(model, max_len)
         if model.text_prior and text_dim:  # the learned score starts at 0: an untrained model is the text prior
             nn.init.zeros_(self.sequence.output_norm.weight)
+        if self.adaptor is not None and not model.train_adaptor:  # it stays at the shared start
+            self.adaptor.requires_grad_(False)
 
 
 class SequenceEncoder(nn.Module):
