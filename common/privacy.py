@@ -20,7 +20,9 @@ Per-user gradients, two paths:
 
 What is trained under DP: every trainable parameter, shared (text adaptor, sequence encoder, LoRA) or private
 (item IDs, theta, the rating output); all are clipped and noised together, so nothing trained without noise feeds
-what leaves. See README, "What user-level DP guarantees".
+what leaves. With ``popularity-prior`` the items' counts of training users are released once, before the first
+step (``release_popularity``: Gaussian noise, sensitivity 1, accounted with the steps). See README, "What
+user-level DP guarantees".
 """
 
 from __future__ import annotations
