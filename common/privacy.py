@@ -194,7 +194,8 @@ def calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, spen
         high *= 2
         reached = spend(high)
         if high > 1e6:
-            raise ValueError(f"dp: epsilon {epsilon} is too low (dp-popularity-share leaves nothing to train with)")
+            raise ValueError(f"dp: epsilon {epsilon} is too low for the planned steps"
+                             + (" after the popularity release (lower dp-popularity-share)" if spent else ""))
     while epsilon - reached > 0.01:
         sigma = (low + high) / 2
         spent_at = spend(sigma)

@@ -17,7 +17,7 @@ from torch import nn
 from common.config import PollenConfig
 from common.data.split import SplitData
 from common.model.encoder import ItemStates, TextEncoder
-from common.model.head import POPULARITY_STEP, RecommendationHead, prior_items
+from common.model.head import RecommendationHead, prior_items
 from common.runtime import logits_dtype
 
 
@@ -59,9 +59,8 @@ class Recommender(nn.Module):
                 scale = prior_scale(split, columns, decay, self.max_len)
                 if self.head.popularity:
                     counts = split.user_popularity()
-                    self.head.set_popularity(counts)
-                    share = best_popularity(split, columns, decay, self.max_len, counts)
-                    self.head.popularity_weight.data.fill_(share * scale / POPULARITY_STEP)
+                    self.head.set_popularity(counts, scale * best_popularity(split, columns, decay, self.max_len,
+                                                                             counts))
             self.head.prior_decay.fill_(decay)
             self.head.prior_scale.data.fill_(math.log(scale))
         self.eval()  # built for scoring: dropout is on only inside a training epoch (common/train.py)
