@@ -45,7 +45,7 @@ from common.evaluate import evaluate
 from common.model.encoder import TextEncoder, cached_item_states
 from common.model.recommender import Recommender
 from common.runtime import configure_threads, default_cache_dir
-from common.train import FitResult, Log, Platform, fit
+from common.train import FitResult, Log, Platform, adopt, fit
 
 
 
@@ -87,27 +87,40 @@ def adapt(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tenso
         if adapter is not None:  # the adapter must fit this model (keys and shapes) and hold finite values
             check_tensors(adapter, adapter_source, shapes(encoder.adapter_state()), "adapter for this model "
                           f"(base-model, lora-layers {config.model.lora_layers}, lora-rank {config.model.lora_rank})")
-            encoder.load_adapter_state(adapter)
     elif adapter is not None:
         raise ConfigError("config: an ID-only model (text = false) has no encoder to load an adapter into")
     train_split = user_subset(split, fraction, config.train.seed)
     states = cached_item_states(encoder, split.item_texts, cache_dir) if encoder is not None else None
-    platform = Platform(train_split, Recommender(train_split, config, encoder, states))
+    platform = Platform(train_split, _received(train_split, config, encoder, states, adapter, log, label))
     return Adapted(platform, encoder, fit([platform], encoder, config, epochs, log=log, label=label))
+
+
+def _received(split: SplitData, config: PollenConfig, encoder: TextEncoder | None, states, adapter,
+              log: Log = print, label: str = "") -> Recommender:
+    """The newcomer's model, its encoder holding the received ``adapter``: with the text prior (not under DP) at
+    the mix of it and the pretrained start (the encoder's own, seeded) that ranks the newcomer's validation best
+    (``common.train.adopt``), so a federation that does not help this catalogue cannot lower its start."""
+    own = encoder.adapter_state() if encoder is not None else None
+    if adapter is not None:
+        encoder.load_adapter_state(adapter)
+    model = Recommender(split, config, encoder, states)
+    if adapter is not None and model.head.prior and not config.privacy.dp:
+        share, score = adopt(Platform(split, model), encoder, adapter, own)
+        log(f"{label}starting from {share:.0%} of the federation's adapters (validation NDCG@10 {score:.4f})")
+    return model
 
 
 def zero_shot_model(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tensor] | None,
                     cache_dir: str | None = None) -> Adapted:
     """The shared model as received, untrained on this platform: text-only item vectors (its item IDs are
-    unknown to the federation), the shared text adaptor and sequence encoder. What a newcomer gets on day 0,
-    before it has training data: hence no popularity term either (``popularity-prior`` counts training users)."""
+    unknown to the federation), the shared text adaptor and sequence encoder, with the text prior at the share of
+    them its validation chose (``_received``). What a newcomer gets on day 0, before it has training data: hence
+    no popularity term either (``popularity-prior`` counts training users)."""
     text_only = config.replace(**{"item-ids": False, "text": True, "popularity-prior": False})
     torch.manual_seed(config.train.seed)
     encoder = TextEncoder(text_only.model, seed=config.train.seed, max_len=config.data.max_len)
-    if adapter is not None:
-        encoder.load_adapter_state(adapter)
     states = cached_item_states(encoder, split.item_texts, cache_dir)
-    platform = Platform(split, Recommender(split, text_only, encoder, states))
+    platform = Platform(split, _received(split, text_only, encoder, states, adapter, log=lambda line: None))
     return Adapted(platform, encoder, FitResult())
 
 

@@ -76,6 +76,13 @@ def merge_state(own: dict[str, torch.Tensor], received: dict[str, torch.Tensor])
     return {**own, **received}
 
 
+def mix_state(own: dict[str, torch.Tensor], received: dict[str, torch.Tensor], share: float
+              ) -> dict[str, torch.Tensor]:
+    """share x received + (1 - share) x own, tensor by tensor (the same keys): a point between one's own adapters
+    and the federation's. Both descend from the same seeded start, so the points between are models too."""
+    return {k: torch.lerp(v, received[k].to(v), share) for k, v in own.items()}
+
+
 def freeze_untravelled(encoder, aggregation: str) -> None:
     """Under FFA, A never trains: freeze it (a ``TextEncoder``'s) before the optimiser is built."""
     for name, param in encoder.bert.named_parameters():

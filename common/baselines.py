@@ -107,20 +107,10 @@ def prior_scale(split: SplitData, items: torch.Tensor, decay: float, window: int
     return min(SCALES, key=lambda scale: F.cross_entropy(scale * cosines, targets).item())
 
 
-# weights of log(1 + the item's training users) against the zero-shot cosine, tried by best_popularity. Amazon
-# Scientific (whitened prior), validation / test NDCG@10: 0 -> 0.0786 / 0.0781, 0.05 -> 0.0887 / 0.0877, 0.1 ->
-# 0.0900 / 0.0868, 0.2 -> 0.0795 / 0.0701, 0.5 -> 0.0414 / 0.0375
+# weights of log(1 + the item's training users) against the zero-shot cosine, tried by
+# Recommender.choose_popularity. Amazon Scientific (whitened prior, no training), validation / test NDCG@10:
+# 0 -> 0.0786 / 0.0781, 0.05 -> 0.0887 / 0.0877, 0.1 -> 0.0900 / 0.0868, 0.2 -> 0.0795 / 0.0701, 0.5 -> 0.0414 / 0.0375
 POPULARITY_SHARES = (0.0, 0.025, 0.05, 0.1, 0.2, 0.4)
-
-
-def best_popularity(split: SplitData, items: torch.Tensor, decay: float, window: int, counts: np.ndarray) -> float:
-    """The weight of ``POPULARITY_SHARES`` of log(1 + the items' training users ``counts``), added to the zero-shot
-    cosine (``items``: the prior's columns, ``decay``), with the best validation NDCG@10 (0 when none beats the
-    cosine alone): the popularity term's start (``popularity-prior``)."""
-    cosine, popular = _cosine_scorer(items, decay, window), torch.log1p(torch.as_tensor(counts, dtype=torch.float32))
-    scores = {share: evaluate(lambda histories: cosine(histories) + share * popular, split, "valid")["ndcg@10"]
-              for share in POPULARITY_SHARES}
-    return max(scores, key=lambda share: (scores[share], -share))
 
 
 def _cosine_scorer(items: torch.Tensor, rate: float, window: int) -> Scorer:

@@ -289,6 +289,36 @@ def fit(platforms: list[Platform], encoder: TextEncoder | None, config: PollenCo
     return result
 
 
+# shares of the federation's adapters a platform may start from, the rest its own (``adopt``)
+MIXES = (1.0, 0.5, 0.0)
+
+
+def adopt(platform: Platform, encoder: TextEncoder, received: dict[str, torch.Tensor],
+          own: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """Leave ``encoder`` at the share of ``MIXES`` of the ``received`` adapters (the rest ``own``) whose model ranks
+    ``platform``'s validation targets best (ties: more of the received), the popularity weight chosen anew for
+    each (``popularity-prior``); returns (share, validation NDCG@10).
+
+    So a platform takes from the federation only as much as its own validation rewards: a member each round
+    between the global adapters and its own last ones (``personalise``), a newcomer between the federation's and
+    the pretrained start. Not under user-level DP: the choice reads the users' validation items, and what a
+    member trains from there is sent."""
+    from common.adapters import mix_state
+
+    model, best = platform.model, None
+    for share in MIXES:
+        encoder.load_adapter_state(mix_state(own, received, share))
+        score = model.choose_popularity(platform.split) if model.head.popularity else \
+            platform.evaluate("valid")["ndcg@10"]
+        if best is None or score > best[1]:
+            best = (share, score, model.head.popularity_weight.item() if model.head.popularity else None)
+    share, score, weight = best
+    encoder.load_adapter_state(mix_state(own, received, share))
+    if weight is not None:
+        model.head.popularity_weight.data.fill_(weight)
+    return share, score
+
+
 def should_stop(best_epochs, epoch: int, patience: int) -> bool:
     """Early stopping: ``patience`` epochs (or rounds) have passed since the latest best epoch of any platform."""
     return patience > 0 and epoch - max(best_epochs, default=0) >= patience

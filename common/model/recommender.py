@@ -44,7 +44,7 @@ class Recommender(nn.Module):
         self._text_table: torch.Tensor | None = None
         self._table_version = -1
         if self.head.prior:  # the zero-shot recency weight and whitening (validation targets), scale (training items)
-            from common.baselines import PUBLIC_PRIOR, best_popularity, best_prior, prior_scale
+            from common.baselines import PUBLIC_PRIOR, best_prior, prior_scale
 
             # under DP these are public constants, fitted on users' data they would steer the noised updates; the
             # popularity weight then starts at 0 and the trainer's DP plug-in releases the counts with noise
@@ -57,13 +57,29 @@ class Recommender(nn.Module):
                 self.head.prior_whiten.copy_(whiten)
                 columns = prior_items(text, mean, whiten)
                 scale = prior_scale(split, columns, decay, self.max_len)
-                if self.head.popularity:
-                    counts = split.user_popularity()
-                    self.head.set_popularity(counts, scale * best_popularity(split, columns, decay, self.max_len,
-                                                                             counts))
             self.head.prior_decay.fill_(decay)
             self.head.prior_scale.data.fill_(math.log(scale))
         self.eval()  # built for scoring: dropout is on only inside a training epoch (common/train.py)
+        if self.head.popularity and not config.privacy.dp:
+            self.head.set_popularity(split.user_popularity())
+            self.choose_popularity(split)
+
+    def choose_popularity(self, split: SplitData) -> float:
+        """Set the popularity term's weight to the share of ``POPULARITY_SHARES`` x the prior's scale whose model,
+        as it stands, ranks ``split``'s validation targets best (the smaller share on a tie; 0 when popularity does
+        not help); returns that validation NDCG@10. With the learned part at its zero start this ranks as the prior's
+        cosine + share x log(1 + training users); with a received sequence encoder in place its score counts too,
+        which a choice made for the prior alone missed (README, "A new platform joins")."""
+        from common.baselines import POPULARITY_SHARES
+        from common.evaluate import evaluate
+
+        scale, scores = self.head.prior_scale.detach().exp().item(), {}
+        for share in POPULARITY_SHARES:
+            self.head.set_popularity(self.head.prior_popularity, scale * share)
+            scores[share] = evaluate(self.score, split, "valid")["ndcg@10"]
+        share = max(scores, key=lambda s: (scores[s], -s))
+        self.head.set_popularity(self.head.prior_popularity, scale * share)
+        return scores[share]
 
     # -- catalogue ---------------------------------------------------------------------------------
     def refresh_text_table(self) -> None:
