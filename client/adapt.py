@@ -70,6 +70,7 @@ class Adapted:
     platform: Platform
     encoder: TextEncoder | None
     result: FitResult
+    share: float | None = None  # of the federation's adapters the model started from (``_received``); None: none given
 
 
 def adapt(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tensor] | None, epochs: int,
@@ -91,23 +92,26 @@ def adapt(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tenso
         raise ConfigError("config: an ID-only model (text = false) has no encoder to load an adapter into")
     train_split = user_subset(split, fraction, config.train.seed)
     states = cached_item_states(encoder, split.item_texts, cache_dir) if encoder is not None else None
-    platform = Platform(train_split, _received(train_split, config, encoder, states, adapter, log, label))
-    return Adapted(platform, encoder, fit([platform], encoder, config, epochs, log=log, label=label))
+    model, share = _received(train_split, config, encoder, states, adapter, log, label)
+    platform = Platform(train_split, model)
+    return Adapted(platform, encoder, fit([platform], encoder, config, epochs, log=log, label=label), share)
 
 
 def _received(split: SplitData, config: PollenConfig, encoder: TextEncoder | None, states, adapter,
-              log: Log = print, label: str = "") -> Recommender:
-    """The newcomer's model, its encoder holding the received ``adapter``: with the text prior (not under DP) at
-    the mix of it and the pretrained start (the encoder's own, seeded) that ranks the newcomer's validation best
-    (``common.train.adopt``), so a federation that does not help this catalogue cannot lower its start."""
-    own = encoder.adapter_state() if encoder is not None else None
-    if adapter is not None:
-        encoder.load_adapter_state(adapter)
-    model = Recommender(split, config, encoder, states)
-    if adapter is not None and model.head.prior and not config.privacy.dp:
+              log: Log = print, label: str = "") -> tuple[Recommender, float | None]:
+    """The newcomer's model and the share of the received ``adapter`` its encoder holds: with the text prior (not
+    under DP) the mix of it and the pretrained start (the encoder's own, seeded) that ranks the newcomer's
+    validation best (``common.train.adopt``), so a federation that does not help this catalogue cannot lower its
+    start; else all of it."""
+    if adapter is None:
+        return Recommender(split, config, encoder, states), None
+    own = encoder.adapter_state()
+    encoder.load_adapter_state(adapter)
+    model, share = Recommender(split, config, encoder, states), 1.0
+    if model.head.prior and not config.privacy.dp:
         share, score = adopt(Platform(split, model), encoder, adapter, own)
         log(f"{label}starting from {share:.0%} of the federation's adapters (validation NDCG@10 {score:.4f})")
-    return model
+    return model, share
 
 
 def zero_shot_model(split: SplitData, config: PollenConfig, adapter: dict[str, torch.Tensor] | None,
@@ -120,8 +124,8 @@ def zero_shot_model(split: SplitData, config: PollenConfig, adapter: dict[str, t
     torch.manual_seed(config.train.seed)
     encoder = TextEncoder(text_only.model, seed=config.train.seed, max_len=config.data.max_len)
     states = cached_item_states(encoder, split.item_texts, cache_dir)
-    platform = Platform(split, _received(split, text_only, encoder, states, adapter, log=lambda line: None))
-    return Adapted(platform, encoder, FitResult())
+    model, share = _received(split, text_only, encoder, states, adapter, log=lambda line: None)
+    return Adapted(Platform(split, model), encoder, FitResult(), share)
 
 
 def test_metrics(adapted: Adapted, split: SplitData, **convention) -> dict[str, float]:
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     adapted = adapt(split, config, adapter, args.epochs, args.fraction, args.cache_dir, log,
                     f"[{printable_path(name)}] ", adapter_source=str(args.adapter))
     test = test_metrics(adapted, split)
-    metrics = {"adapter": str(args.adapter), "fraction": args.fraction, "epochs": args.epochs,
+    metrics = {"adapter": str(args.adapter), "global-share": adapted.share, "fraction": args.fraction,
+               "epochs": args.epochs,
                "best-epoch": adapted.result.best_epoch[name], "train-users": adapted.platform.split.num_users,
                "valid": adapted.result.valid[name][adapted.result.best_epoch[name] - 1], "test": test,
                "seconds": time.perf_counter() - start}

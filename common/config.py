@@ -190,8 +190,10 @@ class FederationConfig:
         "help": "where results, plots and adapters are written", "values": "a folder path; empty = runs/<time>",
         "scope": "run"})
     personalise: bool = field(default=True, metadata={
-        "help": "members evaluate and serve the round's global adapters after their own local training "
-                "(false: the global adapters as received)", "scope": "federation"})
+        "help": "members evaluate and serve their own adapters after the round's local training, which starts from "
+                "the mix (1, 1/2 or 0) of the global adapters and their own last ones that ranks their validation "
+                "best (not under DP: the global; false: train from the global, evaluate it as received)",
+        "scope": "federation"})
     # speed and scale (issue 6)
     adapter_dtype: str = field(default="float32", metadata={
         "help": "the adapter's dtype on the wire, both ways (averaged in float32)",

@@ -107,7 +107,8 @@ def run_transfer(config: PollenConfig, target: str, adapter_path: str, fractions
                             cache_dir, log, label)
             r = adapted.result
             run = {"start": start, "fraction": fraction, "train-users": adapted.platform.split.num_users,
-                   "best-epoch": r.best_epoch[name], "seconds": r.seconds, "elapsed": r.elapsed,
+                   "global-share": adapted.share, "best-epoch": r.best_epoch[name], "seconds": r.seconds,
+                   "elapsed": r.elapsed,
                    "valid-ndcg@10": [m["ndcg@10"] for m in r.valid[name]],
                    "test": test_metrics(adapted, split)}
             if fraction == 1.0:
@@ -130,7 +131,7 @@ def zero_shot(split, config: PollenConfig, start: str, adapter: dict | None, cac
     from common.evaluate import evaluate
     from common.model.encoder import TextEncoder, cached_item_states
 
-    begin = time.perf_counter()
+    begin, share = time.perf_counter(), None
     if start == "pretrained":
         import dataclasses
 
@@ -138,9 +139,10 @@ def zero_shot(split, config: PollenConfig, start: str, adapter: dict | None, cac
         test = evaluate(zero_shot_scorer(split, encoder, cached_item_states(encoder, split.item_texts, cache_dir)),
                         split, "test")
     else:
-        test = test_metrics(zero_shot_model(split, config, adapter, cache_dir), split)
+        model = zero_shot_model(split, config, adapter, cache_dir)
+        test, share = test_metrics(model, split), model.share
     log(f"[{start} 0%] no training: test NDCG@10 {test['ndcg@10']:.4f}")
-    return {"start": start, "fraction": 0.0, "train-users": 0, "best-epoch": 0,
+    return {"start": start, "fraction": 0.0, "train-users": 0, "global-share": share, "best-epoch": 0,
             "seconds": time.perf_counter() - begin, "elapsed": [], "valid-ndcg@10": [], "test": test}
 
 

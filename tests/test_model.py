@@ -295,12 +295,15 @@ def test_an_untrained_text_prior_model_ranks_like_zero_shot_and_fit_can_keep_it(
 
 def test_the_popularity_term_starts_at_zero_then_adds_its_weight_times_log_training_users(tiny_bert):
     """``popularity-prior``: w starts at the share of the prior's scale that validation chose
-    (``best_popularity``); at w = 0 the model ranks exactly like the text prior alone; with w, every catalogue
+    (``Recommender.choose_popularity``: with the learned part at its zero start, the share whose cosine + share x
+    log(1 + training users) ranks validation best; with a trained learned part, the best of the whole model's
+    scores); at w = 0 the model ranks exactly like the text prior alone; with w, every catalogue
     item's score rises by POPULARITY_STEP x w x log(1 + its training users) (``SplitData.user_popularity``), the
     same for every user; training moves w; an item added by its text alone (serving's ``POST /items``) has no
     popularity; new counts give new columns."""
-    from common.baselines import POPULARITY_SHARES
-    from common.model.head import POPULARITY_STEP
+    from common.baselines import POPULARITY_SHARES, _cosine_scorer
+    from common.evaluate import evaluate
+    from common.model.head import POPULARITY_STEP, prior_items
 
     config = PollenConfig().replace(**{"base-model": tiny_bert, "text-prior": True, "batch-size": 32})
     split = leave_one_out(generate(SyntheticConfig())[0])
@@ -311,8 +314,13 @@ def test_the_popularity_term_starts_at_zero_then_adds_its_weight_times_log_train
     model = Recommender(split, config.replace(**{"popularity-prior": True}), encoder)
     counts = torch.as_tensor(split.user_popularity(), dtype=torch.float32)
     torch.testing.assert_close(model.head.prior_popularity, counts)
-    shares = [share * model.head.prior_scale.exp().item() / POPULARITY_STEP for share in POPULARITY_SHARES]
-    assert min(abs(model.head.popularity_weight.item() - w) for w in shares) < 1e-6
+    scale = model.head.prior_scale.exp().item()
+    cosine = _cosine_scorer(prior_items(model.text_table().detach(), model.head.prior_mean, model.head.prior_whiten),
+                            model.head.prior_decay.item(), 50)
+    valid = {share: evaluate(lambda h: cosine(h) + share * torch.log1p(counts), split, "valid")["ndcg@10"]
+             for share in POPULARITY_SHARES}
+    best = max(POPULARITY_SHARES, key=lambda share: (valid[share], -share))
+    assert model.head.popularity_weight.item() == pytest.approx(best * scale / POPULARITY_STEP)
     histories = split.eval_inputs("test")[0][:16]
     model.head.popularity_weight.data.zero_()
     torch.testing.assert_close(model.score(histories), plain.score(histories))
@@ -325,3 +333,11 @@ def test_the_popularity_term_starts_at_zero_then_adds_its_weight_times_log_train
     assert model.head.prior_vectors(model.text_table())[1:, -1].equal(torch.log1p(counts[1:] * 2))
     Trainer([Platform(split, model)], encoder, config.replace(**{"max-steps": 3, "popularity-prior": True})).epoch()
     assert model.head.popularity_weight.item() != 0.1
+    # with the learned part trained (a received sequence encoder), the weight is the best for the whole model
+    valid, scale = {}, model.head.prior_scale.exp().item()
+    for share in POPULARITY_SHARES:
+        model.head.popularity_weight.data.fill_(share * scale / POPULARITY_STEP)
+        valid[share] = evaluate(model.score, split, "valid")["ndcg@10"]
+    best = max(POPULARITY_SHARES, key=lambda share: (valid[share], -share))
+    assert model.choose_popularity(split) == valid[best]
+    assert model.head.popularity_weight.item() == pytest.approx(best * scale / POPULARITY_STEP)

@@ -3,8 +3,10 @@
 import numpy as np
 import torch
 
+from common.adapters import mix_state
 from common.config import PollenConfig
 from common.data.sources import load_split
+from common.train import MIXES
 
 
 def _config(tiny_bert, **extra):
@@ -33,6 +35,34 @@ def test_members_evaluate_their_personalised_adapters(tiny_bert, tmp_path):
         assert all(torch.equal(restored.personal[k], personal[k]) for k in personal)
 
 
+def test_a_member_starts_each_round_from_the_mix_its_validation_ranks_best(tiny_bert, tmp_path):
+    """From its second round a member trains from share x global + (1 - share) x its own last adapters, the share
+    of MIXES whose model ranks its validation best (ties: more of the global), and reports it; the first round
+    (nothing of its own yet) and a DP member (the choice reads validation users) start from the global."""
+    from client.session import ClientSession
+
+    session = ClientSession(_config(tiny_bert), "video", None, str(tmp_path), "cpu")
+    assert session.train()["global-share"] == 1.0
+    own = session.personal
+    torch.manual_seed(0)
+    chosen = []
+    for spread in (0.0, 0.05, 3.0):  # the global as one's own (a tie), near it, far from it
+        received = {k: v + spread * torch.randn_like(v) for k, v in own.items()}
+        valid = {}
+        for share in MIXES:
+            session.set_adapter(mix_state(own, received, share))
+            valid[share] = session.platform.evaluate("valid")["ndcg@10"]
+        session.set_adapter(received)
+        session.personal = own
+        chosen.append(session.train()["global-share"])
+        assert chosen[-1] == max(MIXES, key=lambda s: (valid[s], s))
+    assert chosen[0] == 1.0 and chosen[-1] < 1.0  # a global far from its own is not taken whole
+    dp = ClientSession(_config(tiny_bert, **{"dp-noise": 1.0}), "video", None, str(tmp_path), "cpu")
+    dp.train()
+    dp.set_adapter({k: v + 3.0 * torch.randn_like(v) for k, v in dp.personal.items()})
+    assert dp.train()["global-share"] == 1.0
+
+
 def test_a_newcomer_ranks_its_catalogue_with_the_shared_model_alone(tiny_bert):
     """Fraction 0: text-only item vectors through the received adaptor and sequence encoder, no item IDs."""
     from client.adapt import adapt, test_metrics, zero_shot_model
@@ -42,15 +72,25 @@ def test_a_newcomer_ranks_its_catalogue_with_the_shared_model_alone(tiny_bert):
     member = load_split(config.data, "video")
     trained = adapt(member, config, None, epochs=2, log=lambda line: None).encoder.adapter_state()
     newcomer = load_split(config.data, "ecommerce")
-    model = zero_shot_model(newcomer, config, trained)
+    model = zero_shot_model(newcomer, config.replace(**{"text-prior": False}), trained)
     assert model.platform.model.head.item_emb is None  # the federation never saw this catalogue's items
     shared = model.encoder.adapter_state()
     assert shared.keys() == trained.keys() and all(torch.equal(shared[k], trained[k]) for k in trained)
     metrics = test_metrics(model, newcomer)
     assert np.isfinite(list(metrics.values())).all() and metrics["users"] == newcomer.num_users
-    fresh = test_metrics(zero_shot_model(newcomer, config, None), newcomer)
-    assert fresh["mrr"] != metrics["mrr"]  # the received adapters decide the ranking
-    row = zero_shot(newcomer, config, "federated", trained, None, lambda line: None)
-    assert row["fraction"] == 0.0 and row["train-users"] == 0 and row["test"]["mrr"] == metrics["mrr"]
+    # with the text prior (a newcomer's default) it ranks at the mix of the received adapters and the pretrained
+    # start that its validation ranks best: never below either on validation
+    prior = config.replace(**{"text-prior": True})
+    model = zero_shot_model(newcomer, prior, trained)
+    fresh = zero_shot_model(newcomer, prior, None)
+    ends = [zero_shot_model(newcomer, prior, trained).platform, fresh.platform]
+    ends[0].model.encoder.load_adapter_state(trained)  # the received adapters whole
+    valid = model.platform.evaluate("valid")["ndcg@10"]
+    assert model.share in MIXES and valid >= max(p.evaluate("valid")["ndcg@10"] for p in ends)
+    expected = mix_state(fresh.encoder.adapter_state(), trained, model.share)
+    assert all(torch.equal(v, expected[k]) for k, v in model.encoder.adapter_state().items())
+    row = zero_shot(newcomer, prior, "federated", trained, None, lambda line: None)
+    assert row["fraction"] == 0.0 and row["train-users"] == 0 and row["global-share"] == model.share
+    assert row["test"]["mrr"] == test_metrics(model, newcomer)["mrr"]
     pretrained = zero_shot(newcomer, config, "pretrained", None, None, lambda line: None)
     assert 0 <= pretrained["test"]["ndcg@10"] <= 1

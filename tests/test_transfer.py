@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from client.adapt import main as adapt_main
 from client.adapt import read_adapter, user_subset
 from client.export import load_model
-from common.config import PollenConfig
+from common.adapters import mix_state
+from common.config import NEWCOMER, PollenConfig
 from common.data.split import leave_one_out
 from common.data.synthetic import SyntheticConfig, generate
 from common.evaluate import rank_metrics, target_ranks
@@ -77,10 +78,13 @@ def test_adapt_command_starts_from_the_adapter_and_exports_a_servable_model(tiny
     assert adapt_main(["--adapter", str(adapter_folder), "--data-path", str(platform_folder), "--export-dir",
                        str(export), "--fraction", "0.5", "--epochs", "2", "--base-model", tiny_bert,
                        "--lora-layers", "1", "--lora-lr", "0", "--threads", "1", "--cache-dir", ""]) == 0
-    given = {k: v for k, v in read_adapter(adapter_folder).items() if "lora_" in k}  # the shared head trains on
-    exported = load_file(export / "adapter" / "adapter_model.safetensors")
-    assert set(exported) == set(given) and all(torch.equal(exported[k], given[k]) for k in given)
     metrics = json.loads((export / "metrics.json").read_text())
+    own = TextEncoder(PollenConfig().replace(**{**NEWCOMER, "base-model": tiny_bert, "lora-layers": 1}).model,
+                      seed=42).adapter_state()  # the pretrained start: the newcomer's seeded fresh adapters
+    start = mix_state(own, read_adapter(adapter_folder), metrics["global-share"])
+    given = {k: v for k, v in start.items() if "lora_" in k}  # the shared head trains on
+    exported = load_file(export / "adapter" / "adapter_model.safetensors")
+    assert set(exported) == set(given) and all(torch.allclose(exported[k], given[k]) for k in given)
     assert metrics["train-users"] == 150 and metrics["test"]["users"] == 300 and 1 <= metrics["best-epoch"] <= 2
     model = load_model(export)
     top = model.recommend([model.items(0, 1)[0]["item"]], k=5)
@@ -101,7 +105,9 @@ def test_adapt_command_takes_an_adapter_without_lora(tiny_bert, platform_folder,
                        str(tmp_path / "model"), "--fraction", "0.2", "--epochs", "1", "--base-model", tiny_bert,
                        "--lr", "1e-12", "--threads", "1", "--cache-dir", ""]) == 0
     head = load_file(tmp_path / "model" / "head.safetensors")  # the shared parts are in the exported head
-    assert all(torch.allclose(head[k], shared[k], atol=1e-6) for k in shared)  # started from the given adapter
+    share = json.loads((tmp_path / "model" / "metrics.json").read_text())["global-share"]
+    start = mix_state(TextEncoder(config.replace(**NEWCOMER).model, seed=42).adapter_state(), shared, share)
+    assert all(torch.allclose(head[k], start[k], atol=1e-6) for k in shared)  # started from the given adapter
 
 
 def test_adapt_command_rejects_a_missing_adapter(platform_folder, tmp_path):
