@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"[{printable_path(name)}] ", adapter_source=str(args.adapter))
     test = test_metrics(adapted, split)
     metrics = {"adapter": str(args.adapter), "global-share": adapted.share, "fraction": args.fraction,
-               "epochs": args.epochs,
-               "best-epoch": adapted.result.best_epoch[name], "train-users": adapted.platform.split.num_users,
+               "epochs": args.epochs, "best-epoch": adapted.result.best_epoch[name],
+               "train-users": adapted.platform.split.num_users,
                "valid": adapted.result.valid[name][adapted.result.best_epoch[name] - 1], "test": test,
                "seconds": time.perf_counter() - start}
     folder = export_model(Path(args.export_dir), adapted.platform, config, metrics)
