@@ -101,7 +101,6 @@ class ClientSession:
         self.trainer = Trainer([self.platform], self.encoder, config)
         self.best_valid = -1.0  # best validation NDCG@10 so far: the exported model
         self.personal: dict[str, torch.Tensor] | None = None  # the adapters as this platform's last training left them
-        self.share = 1.0  # of the global adapters the round's training started from (``adopt``), reported
         self.costs: dict[str, float] = {}  # start costs of the current message (see open)
         self.fresh_state = self.checkpoint()  # what a node that never trained starts from
 
@@ -152,9 +151,9 @@ class ClientSession:
         """One round's local training. A personalised member (not under DP) starts it from the mix of the global
         adapters just received and its own last ones that ranks its validation best (``adopt``): it takes from
         the federation only what its own validation rewards, and what it trains from there is what it sends."""
-        start, self.share = time.perf_counter(), 1.0
+        start, share = time.perf_counter(), 1.0  # of the global adapters this round's training starts from
         if self.config.federation.personalise and self.personal is not None and self.trainer.dp is None:
-            self.share, _ = adopt(self.platform, self.encoder, self.encoder.adapter_state(),
+            share, _ = adopt(self.platform, self.encoder, self.encoder.adapter_state(),
                                   {k: v.to(self.device) for k, v in self.personal.items()})
         losses = [self.trainer.epoch()[self.name] for _ in range(self.config.train.local_epochs)]
         self.personal = {k: v.cpu() for k, v in self.encoder.adapter_state().items()}
@@ -162,7 +161,7 @@ class ClientSession:
             raise NonFiniteMetric(f"platform {self.name}: training loss {losses[-1]} is not finite (training "
                                   "diverged); lower lr / lora-lr, or check the ratings and the adapter")
         metrics = {"num-examples": float(self.trainer.num_sequences), "train-loss": losses[-1],
-                   "global-share": self.share, "train-seconds": time.perf_counter() - start}
+                   "global-share": share, "train-seconds": time.perf_counter() - start}
         return {**metrics, **(self.trainer.dp.metrics() if self.trainer.dp else {})}  # epsilon spent so far
 
     def personalise(self) -> None:

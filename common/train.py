@@ -311,11 +311,9 @@ def adopt(platform: Platform, encoder: TextEncoder, received: dict[str, torch.Te
         score = model.choose_popularity(platform.split) if model.head.popularity else \
             platform.evaluate("valid")["ndcg@10"]
         if best is None or score > best[1]:
-            best = (share, score, model.head.popularity_weight.item() if model.head.popularity else None)
-    share, score, weight = best
-    encoder.load_adapter_state(mix_state(own, received, share))
-    if weight is not None:
-        model.head.popularity_weight.data.fill_(weight)
+            best = (share, score, _snapshot(platform, encoder))
+    share, score, snapshot = best
+    _restore(platform, encoder, snapshot)
     return share, score
 
 

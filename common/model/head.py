@@ -162,10 +162,12 @@ class RecommendationHead(nn.Module):
             return torch.cat([columns, columns.new_zeros(columns.shape[:-1] + (1,))], -1)
         return torch.cat([columns, torch.log1p(self.prior_popularity.clamp(min=0)).to(columns.dtype)[:, None]], -1)
 
-    def set_popularity(self, counts, weight: float | None = None) -> None:
-        """The items' training users (``SplitData.user_popularity``, or its noisy release under DP) and, if given,
-        the term's weight in logits per unit of log(1 + count) (its parameter holds weight / POPULARITY_STEP)."""
-        self.prior_popularity.copy_(torch.as_tensor(counts, dtype=torch.float32))
+    def set_popularity(self, counts=None, weight: float | None = None) -> None:
+        """Whichever is given: the items' training users (``SplitData.user_popularity``, or its noisy release
+        under DP), the term's weight in logits per unit of log(1 + count) (its parameter holds weight /
+        POPULARITY_STEP)."""
+        if counts is not None:
+            self.prior_popularity.copy_(torch.as_tensor(counts, dtype=torch.float32))
         if weight is not None:
             self.popularity_weight.data.fill_(weight / POPULARITY_STEP)
 

@@ -75,10 +75,10 @@ class Recommender(nn.Module):
 
         scale, scores = self.head.prior_scale.detach().exp().item(), {}
         for share in POPULARITY_SHARES:
-            self.head.set_popularity(self.head.prior_popularity, scale * share)
+            self.head.set_popularity(weight=scale * share)
             scores[share] = evaluate(self.score, split, "valid")["ndcg@10"]
         share = max(scores, key=lambda s: (scores[s], -s))
-        self.head.set_popularity(self.head.prior_popularity, scale * share)
+        self.head.set_popularity(weight=scale * share)
         return scores[share]
 
     # -- catalogue ---------------------------------------------------------------------------------
